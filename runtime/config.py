@@ -1,0 +1,168 @@
+"""The job spec: one TOML file → a typed, validated ``JobSpec``.
+
+Sections: [model] [data] [train] [cluster] [checkpoint]. Each nests the owning package's Config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainmem.checkpoint import CheckpointConfig
+
+from .models import ModelConfig
+from .spec_loader import ConfigError, build_dataclass, explain, read_toml
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "stdlib"
+    """'stdlib' (this interpreter's standard library source, byte tokens) or 'files'."""
+    paths: list[str] = field(default_factory=list)
+    """With source='files': text files (.txt/.py/...) or Parquet/Arrow files with a 'text' or 'tokens' column."""
+    cache_dir: str = "~/.cache/trainmem"
+    """Where the tokenized corpus is cached as a memory-mapped Arrow IPC file."""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("stdlib", "files"):
+            raise ValueError(f"source={self.source!r} must be 'stdlib' or 'files'")
+        if self.source == "files" and not self.paths:
+            raise ValueError("paths=[] is empty but source='files' needs at least one file")
+        if self.source == "stdlib" and self.paths:
+            raise ValueError("paths=... is only read with source='files'")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 50
+    """Optimizer steps to run."""
+    batch_size: int = 8
+    """Sequences per rank per step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 0
+    """Seeds model init, data order and dropout; the same seed gives the same run, bitwise."""
+    run_dir: str = "runs/latest"
+    """Where metrics.jsonl, events.jsonl and checkpoints go."""
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"steps={self.steps} must be > 0")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size} must be > 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be >= 0")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    address: str = ""
+    """Ray cluster to join ('auto', 'ray://host:port', 'host:port'); empty starts an embedded local cluster."""
+    workers: int = 2
+    """Training ranks (one Ray actor each)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per rank in the placement group."""
+    gpus_per_worker: float = 0.0
+    """GPUs per rank; > 0 selects nccl and CUDA."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with GPUs, else gloo) | gloo | nccl."""
+    hang_timeout_s: float = 60.0
+    """A rank that reports no progress for this long is declared hung and the group restarts."""
+    health_poll_s: float = 0.5
+    """How often the controller polls worker health."""
+    collective_timeout_s: float = 60.0
+    """Timeout for process-group formation and every collective."""
+    max_restarts: int = 3
+    """Worker-group restarts allowed before the job stops with the cause."""
+    start_timeout_s: float = 120.0
+    """How long to wait for the worker group to start before failing."""
+
+    def __post_init__(self) -> None:
+        if self.workers <= 0:
+            raise ValueError(f"workers={self.workers} must be > 0")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker} must be >= 0")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend={self.backend!r} must be auto, gloo or nccl")
+        for name in ("hang_timeout_s", "health_poll_s", "collective_timeout_s", "start_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts={self.max_restarts} must be >= 0")
+
+
+@dataclass(kw_only=True)
+class JobSpec:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """[model] the GPT to train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """[data] the corpus."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """[train] the optimization loop."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """[cluster] Ray and the worker group."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """[checkpoint] durable checkpoints."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+
+def load_spec(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> JobSpec:
+    """Parse and validate a job file; ``overrides`` ({section: {key: value}}) stand in for CLI flags."""
+    source = str(path) if path is not None else "<defaults>"
+    table = read_toml(path) if path is not None else {}
+    for section, values in (overrides or {}).items():
+        if not isinstance(table.setdefault(section, {}), dict):
+            raise ConfigError(source, section, "must be a table", f"write [{section}]")
+        table[section].update(values)
+    spec = build_dataclass(JobSpec, table, source, "")
+    _check_environment(spec, source, base=Path(path).parent if path is not None else Path("."))
+    return spec
+
+
+def _check_environment(spec: JobSpec, source: str, base: Path) -> None:
+    """Checks that need the machine: CPUs for an embedded cluster, readable data files."""
+    if not spec.cluster.address:
+        cpus = os.cpu_count() or 1
+        need = spec.cluster.workers * spec.cluster.cpus_per_worker
+        if need > cpus:
+            raise ConfigError(
+                source,
+                "cluster.workers",
+                f"{spec.cluster.workers} workers x {spec.cluster.cpus_per_worker} CPUs need {need:g} CPUs, "
+                f"this machine has {cpus}",
+                f"use at most {int(cpus // spec.cluster.cpus_per_worker)} workers or set cluster.address",
+            )
+    resolved = []
+    for i, p in enumerate(spec.data.paths):
+        candidate = Path(p).expanduser()
+        if not candidate.is_absolute() and not candidate.exists():
+            candidate = base / candidate
+        if not candidate.is_file() or not os.access(candidate, os.R_OK):
+            raise ConfigError(source, f"data.paths[{i}]", f"{p!r} is not a readable file", "fix the path")
+        resolved.append(str(candidate.resolve()))
+    spec.data.paths = resolved
+
+
+def explain_rows() -> list[tuple[str, str, str, str]]:
+    return explain(JobSpec)
