@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class ECConfig:
+    k: int = 2
+    """Data fragments per rank snapshot (Reed-Solomon, ISA-L); any k of the k+m fragments rebuild it."""
+    m: int = 1
+    """Parity fragments per rank snapshot: any m lost nodes are survivable when there are >= k+m nodes."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k={self.k} must be >= 1")
+        if self.m < 0:
+            raise ValueError(f"m={self.m} must be >= 0")
+        if self.k + self.m > 32:
+            raise ValueError(f"k={self.k} with m={self.m}: k + m must be <= 32 (one fragment per node)")
 
 
 @dataclass(kw_only=True)
@@ -13,9 +29,25 @@ class CheckpointConfig:
     """How many complete checkpoints to keep; older ones are deleted after a newer one is durable."""
     dir: str = ""
     """Checkpoint folder; empty means <run_dir>/checkpoints."""
+    snapshot_every: int = 0
+    """Take an in-memory, erasure-coded snapshot every N steps (1 = every step); 0 turns them off."""
+    ec: ECConfig = field(default_factory=ECConfig)
+    """[checkpoint.ec] erasure coding of in-memory snapshots across nodes."""
+    flush_every: int = 0
+    """Flush every Nth complete in-memory snapshot to <dir>/snap-* (zstd, in the background); 0: never."""
+    holder_timeout_s: float = 30.0
+    """Timeout for every snapshot-holder call (store, commit, fetch); a holder slower than this is declared lost."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"every_steps={self.every_steps} must be >= 0 (0 turns checkpoints off)")
         if self.keep < 1:
             raise ValueError(f"keep={self.keep} must be >= 1")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every={self.snapshot_every} must be >= 0 (0 turns snapshots off)")
+        if self.flush_every < 0:
+            raise ValueError(f"flush_every={self.flush_every} must be >= 0 (0 never flushes)")
+        if self.flush_every and not self.snapshot_every:
+            raise ValueError(f"flush_every={self.flush_every} needs snapshot_every > 0 (it flushes snapshots)")
+        if not self.holder_timeout_s > 0:
+            raise ValueError(f"holder_timeout_s={self.holder_timeout_s} must be > 0")

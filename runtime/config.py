@@ -6,6 +6,7 @@ Sections: [model] [data] [train] [cluster] [checkpoint]. Each nests the owning p
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     seed: int = 0
     """Seeds model init, data order and dropout; the same seed gives the same run, bitwise."""
-    run_dir: str = "runs/latest"
-    """Where metrics.jsonl, events.jsonl and checkpoints go."""
+    run_dir: str = ""
+    """Where metrics.jsonl, events.jsonl and checkpoints go; empty: runs/<job name>-<UTC time>."""
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -88,6 +89,8 @@ class ClusterConfig:
     """Worker-group restarts allowed before the job stops with the cause."""
     start_timeout_s: float = 120.0
     """How long to wait for the worker group to start before failing."""
+    placement: str = "PACK"
+    """Placement-group strategy for ranks: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK."""
 
     def __post_init__(self) -> None:
         if self.workers <= 0:
@@ -101,6 +104,8 @@ class ClusterConfig:
         for name in ("hang_timeout_s", "health_poll_s", "collective_timeout_s", "start_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.placement not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
+            raise ValueError(f"placement={self.placement!r} must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts={self.max_restarts} must be >= 0")
 
@@ -137,7 +142,18 @@ def load_spec(path: str | Path | None, overrides: dict[str, dict[str, Any]] | No
         table[section].update(values)
     spec = build_dataclass(JobSpec, table, source, "")
     _check_environment(spec, source, base=Path(path).parent if path is not None else Path("."))
+    _resolve_paths(spec, job_name=Path(path).stem if path is not None else "job")
     return spec
+
+
+def _resolve_paths(spec: JobSpec, job_name: str) -> None:
+    """Absolute paths: Ray workers do not share the driver's working directory."""
+    if not spec.train.run_dir:
+        spec.train.run_dir = f"runs/{job_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    spec.train.run_dir = str(Path(spec.train.run_dir).expanduser().resolve())
+    if spec.checkpoint.dir:
+        spec.checkpoint.dir = str(Path(spec.checkpoint.dir).expanduser().resolve())
+    spec.data.cache_dir = str(Path(spec.data.cache_dir).expanduser().resolve())
 
 
 def _check_environment(spec: JobSpec, source: str, base: Path) -> None:

@@ -1,0 +1,147 @@
+"""``trainmem launch JOB.toml``: validate the spec, run the controller, show progress, summarize."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from trainmem.runtime import ConfigError, Controller, InjectedFailure, JobFailed, JobSpec, load_spec
+from trainmem.runtime.spec_loader import build_dataclass
+
+from .usage import Parser, UsageError, fail
+
+SPEC_FILE = "spec.json"
+
+
+def _parser() -> Parser:
+    p = Parser(prog="trainmem launch", description="Train a job on Ray (embedded cluster unless cluster.address).")
+    p.add_argument("job", nargs="?", help="job spec (.toml); omit with --resume")
+    p.add_argument("--workers", type=int, help="override cluster.workers")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--run-dir", help="override train.run_dir")
+    p.add_argument("--address", help="override cluster.address (join an existing Ray cluster)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest durable checkpoint")
+    p.add_argument("--inject-failure", metavar="SPEC", help="rank=N,step=N[,kind=kill|hang] (tests, demos)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    return p
+
+
+def _overrides(args) -> dict[str, dict]:
+    pairs = {
+        ("cluster", "workers"): args.workers,
+        ("train", "steps"): args.steps,
+        ("train", "seed"): args.seed,
+        ("train", "run_dir"): args.run_dir,
+        ("cluster", "address"): args.address,
+    }
+    out: dict[str, dict] = {}
+    for (section, key), value in pairs.items():
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def resolve_spec(args) -> JobSpec:
+    """The job file (or the resumed run's saved spec) plus command-line overrides, validated."""
+    overrides = _overrides(args)
+    if args.resume:
+        saved = Path(args.resume) / SPEC_FILE
+        if not saved.is_file():
+            raise ConfigError(str(saved), "<file>", "not a trainmem run folder", "pass the RUN_DIR a launch created")
+        table = json.loads(saved.read_text())
+        for section, values in overrides.items():
+            table.setdefault(section, {}).update(values)
+        return build_dataclass(JobSpec, table, str(saved), "")
+    if not args.job:
+        raise UsageError("trainmem launch: a job file is required (fix: trainmem launch JOB.toml, or --resume RUN_DIR)")
+    spec = load_spec(args.job, overrides)
+    if (spec.checkpoint_dir / "LATEST").exists():
+        raise ConfigError(
+            args.job, "train.run_dir", f"{spec.run_dir} already holds checkpoints",
+            f"continue it with --resume {spec.run_dir}, or choose another run_dir",
+        )
+    return spec
+
+
+def main(argv: list[str]) -> int:
+    t0 = time.time()
+    try:
+        args = _parser().parse_args(argv)
+        spec = resolve_spec(args)
+        inject = InjectedFailure.parse(args.inject_failure) if args.inject_failure else None
+        if inject and inject.rank >= spec.cluster.workers:
+            raise UsageError(f"--inject-failure: rank={inject.rank} but there are {spec.cluster.workers} workers")
+    except (UsageError, ConfigError, ValueError) as e:
+        return fail(str(e))
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    (spec.run_dir / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=1))
+    console = Console(stderr=True)
+    with _progress(console, spec) as (progress, task):
+        def on_progress(record: dict) -> None:
+            progress.update(task, completed=record["step"], loss=record["loss"], tps=record["tokens_per_s"])
+
+        try:
+            result = Controller(spec, inject=inject, on_progress=on_progress, t0=t0).run()
+        except JobFailed as e:
+            console.print(f"[red]trainmem launch: {e}[/red]")
+            return 1
+    summary = {
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "restarts": result.restarts,
+        "wall_s": result.wall_s,
+        "tokens_per_s": result.tokens_per_s,
+        "params_sha256": result.params_sha256,
+        "first_step_s": result.first_step_s,
+        "peak_mem_bytes": result.peak_mem_bytes,
+        "run_dir": result.run_dir,
+    }
+    _print_summary(Console(stderr=args.json), summary)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _progress(console: Console, spec: JobSpec):
+    progress = Progress(
+        TextColumn("[bold]train[/bold] step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+    class _Ctx:
+        def __enter__(self):
+            progress.start()
+            return progress, progress.add_task("train", total=spec.train.steps, loss=float("nan"), tps=0.0)
+
+        def __exit__(self, *exc):
+            progress.stop()
+
+    return _Ctx()
+
+
+def _print_summary(console: Console, summary: dict) -> None:
+    table = Table(title="trainmem launch: summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

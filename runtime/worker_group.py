@@ -1,0 +1,228 @@
+"""The worker group: N rank actors in one placement group, their rendezvous and their health.
+
+It knows how to start, poll and tear down ranks; it does not decide what to do about a failure
+(that is the controller's and the restart policy's job).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import ClusterConfig, JobSpec
+from .failure import InjectedFailure
+from .worker import Worker
+
+
+class GroupFailure(RuntimeError):
+    """A rank died, hung, raised, or the group could not start. ``kind``: died|hung|error|start."""
+
+    def __init__(self, kind: str, ranks: list[int], cause: str, step: int | None = None):
+        self.kind, self.ranks, self.cause, self.step = kind, ranks, cause, step
+        super().__init__(f"{kind} on rank(s) {ranks}: {cause}")
+
+
+def connect_ray(cfg: ClusterConfig) -> bool:
+    """Join ``cfg.address`` or start an embedded cluster; returns True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    common = dict(namespace="trainmem", log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    if cfg.address:
+        ray.init(address=cfg.address, **common)
+    else:
+        # Keeps every embedded node on 127.0.0.1 rather than the machine's interface address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        need = int(cfg.workers * cfg.cpus_per_worker + 0.999)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, **common)
+    return True
+
+
+@dataclass
+class RankHealth:
+    step: int = 0
+    phase: str = "starting"
+    phase_s: float = 0.0
+    last_advance: float = field(default_factory=time.monotonic)
+
+
+class WorkerGroup:
+    def __init__(self, spec: JobSpec, attempt: int, inject: InjectedFailure | None):
+        self.spec, self.attempt, self.inject = spec, attempt, inject
+        self.world = spec.cluster.workers
+        self.actors: list[Any] = []
+        self.pg = None
+        self.train_refs: list[Any] = []
+        self.health = [RankHealth() for _ in range(self.world)]
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> int:
+        """Place ranks, form the process group, restore state. Returns the step resumed after."""
+        c = self.spec.cluster
+        bundle = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(self.world)], strategy=c.placement)
+        try:
+            ray.get(self.pg.ready(), timeout=c.start_timeout_s)
+        except GetTimeoutError:
+            raise GroupFailure(
+                "start",
+                list(range(self.world)),
+                f"no room for {self.world} workers x {bundle} within {c.start_timeout_s:g}s "
+                f"(cluster has {ray.cluster_resources()}); lower cluster.workers or add nodes",
+            ) from None
+        self.actors = [
+            Worker.options(
+                num_cpus=c.cpus_per_worker,
+                num_gpus=c.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=rank
+                ),
+                max_restarts=0,
+            ).remote(self.spec, rank, self.world, self.attempt, self.inject)
+            for rank in range(self.world)
+        ]
+        addr, port = self._get(self.actors[0].reserve_master_address.remote(), [0], "rendezvous address")
+        steps = self._get_all([a.setup.remote(addr, port) for a in self.actors], "process group + restore")
+        if len(set(steps)) != 1:
+            raise GroupFailure("error", list(range(self.world)), f"ranks restored different steps {steps}")
+        now = time.monotonic()
+        for h in self.health:
+            h.step, h.last_advance = steps[0], now
+        return steps[0]
+
+    def start_training(self) -> None:
+        self.train_refs = [a.train.remote() for a in self.actors]
+
+    def pids(self) -> list[int]:
+        return self._get_all([a.pid.remote() for a in self.actors], "pids")
+
+    def shutdown(self) -> None:
+        """Kill every rank (no graceful collective teardown: a hung rank would block it)."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except RayError:
+                pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except RayError:
+                pass
+        self.actors, self.pg, self.train_refs = [], None, []
+
+    # ---- health -------------------------------------------------------------------------
+    def poll(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """One health round: (new metric records from all ranks, final results if all finished).
+
+        Raises GroupFailure for a dead rank, a rank whose train() raised, or ranks with no
+        progress for ``hang_timeout_s``.
+        """
+        if self._any_train_ref_failed():
+            raise self._diagnose()
+        timeout = max(1.0, self.spec.cluster.health_poll_s * 4)
+        refs = [a.progress.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        ready_set = set(ready)
+        metrics: list[dict[str, Any]] = []
+        now = time.monotonic()
+        for rank, ref in enumerate(refs):
+            if ref not in ready_set:
+                continue  # unresponsive this round; the hang check below catches a long silence
+            try:
+                report = ray.get(ref)
+            except RayActorError:
+                raise self._diagnose() from None
+            h = self.health[rank]
+            if report["step"] > h.step:
+                h.step, h.last_advance = report["step"], now
+            h.phase, h.phase_s = report["phase"], report["phase_s"]
+            metrics.extend(dict(m, rank=rank) for m in report["metrics"])
+        self._check_hang(now)
+        done, _ = ray.wait(self.train_refs, num_returns=len(self.train_refs), timeout=0)
+        if len(done) == len(self.train_refs):
+            return metrics, self._get_all(self.train_refs, "final results")
+        return metrics, None
+
+    def _any_train_ref_failed(self) -> bool:
+        done, _ = ray.wait(self.train_refs, num_returns=len(self.train_refs), timeout=0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayError:
+                return True
+        return False
+
+    def _diagnose(self) -> GroupFailure:
+        """Name the culprit: a dead rank first (its peers then fail in collectives), else a raising one."""
+        probes = [a.pid.remote() for a in self.actors]
+        ray.wait(probes, num_returns=len(probes), timeout=5.0)
+        dead: dict[int, str] = {}
+        for rank, ref in enumerate(probes):
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as e:
+                dead[rank] = _first_line(e)
+            except (GetTimeoutError, RayError):
+                pass
+        if dead:
+            ranks = sorted(dead)
+            return GroupFailure("died", ranks, dead[ranks[0]], min(self.health[r].step for r in ranks))
+        errors: dict[int, str] = {}
+        for rank, ref in enumerate(self.train_refs):
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    ray.get(ref)
+                except RayTaskError as e:
+                    errors[rank] = _first_line(e.cause or e)
+                except RayError as e:
+                    errors[rank] = _first_line(e)
+        ranks = sorted(errors) or list(range(self.world))
+        cause = errors.get(ranks[0], "a rank failed without a recorded cause")
+        return GroupFailure("error", ranks, cause, min(self.health[r].step for r in ranks))
+
+    def _check_hang(self, now: float) -> None:
+        limit = self.spec.cluster.hang_timeout_s
+        stalled = [r for r, h in enumerate(self.health) if h.phase != "finished" and now - h.last_advance > limit]
+        if stalled:
+            detail = "; ".join(
+                f"rank {r} at step {self.health[r].step} in {self.health[r].phase!r} for {self.health[r].phase_s:.1f}s"
+                for r in stalled
+            )
+            raise GroupFailure("hung", stalled, f"no step finished for > {limit:g}s: {detail}", min(
+                self.health[r].step for r in stalled))
+
+    # ---- waiting with names -------------------------------------------------------------
+    def _get(self, ref: Any, ranks: list[int], what: str) -> Any:
+        return self._get_all([ref], what, ranks)[0]
+
+    def _get_all(self, refs: list[Any], what: str, ranks: list[int] | None = None) -> list[Any]:
+        ranks = ranks if ranks is not None else list(range(len(refs)))
+        timeout = self.spec.cluster.start_timeout_s
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:
+            late = [ranks[i] for i, r in enumerate(refs) if r in set(pending)]
+            raise GroupFailure("hung", late, f"waited {timeout:g}s for {what} from rank(s) {late}")
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except RayActorError as e:
+                raise GroupFailure("died", [ranks[i]], f"during {what}: {_first_line(e)}") from None
+            except RayTaskError as e:
+                raise GroupFailure("error", [ranks[i]], f"during {what}: {_first_line(e.cause or e)}") from None
+        return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Ray's actor-death messages put the useful part ("The actor died ... SIGKILL") after a header.
+    useful = [ln for ln in lines if "died" in ln.lower() or "error" in ln.lower() or "exit" in ln.lower()]
+    return (useful or lines or [type(exc).__name__])[0][:300]

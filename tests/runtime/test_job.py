@@ -1,0 +1,88 @@
+"""Whole jobs on an embedded Ray cluster: determinism, kill/hang recovery, restart limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainmem.runtime import Controller, InjectedFailure, JobFailed, load_spec
+from trainmem.runtime.runlog import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_spec(tmp_path, name, **cluster):
+    overrides = {
+        "model": {"size": "tiny"},
+        "train": {"steps": 30, "batch_size": 8, "lr": 3e-3, "seed": 7, "run_dir": str(tmp_path / name)},
+        "cluster": {"workers": 2, "hang_timeout_s": 10.0, **cluster},
+        "checkpoint": {"every_steps": 5},
+    }
+    return load_spec(None, overrides)
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tmp_path_factory):
+    return Controller(tiny_spec(tmp_path_factory.mktemp("base"), "run")).run()
+
+
+def baseline_dir(result):
+    from pathlib import Path
+
+    return Path(result.run_dir)
+
+
+def test_loss_decreases_and_same_seed_gives_same_params(baseline, tmp_path):
+    again = Controller(tiny_spec(tmp_path, "again")).run()
+    assert baseline.steps == again.steps == 30
+    assert baseline.restarts == 0
+    assert again.params_sha256 == baseline.params_sha256
+    metrics = read_jsonl(tmp_path / "again" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    first, last = sum(m["loss"] for m in metrics[:5]) / 5, sum(m["loss"] for m in metrics[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    base_losses = [m["loss"] for m in read_jsonl(baseline_dir(baseline) / "metrics.jsonl")]
+    assert base_losses == [m["loss"] for m in metrics]
+
+
+def test_other_seed_gives_other_params(baseline, tmp_path):
+    spec = tiny_spec(tmp_path, "other")
+    spec.train.seed = 8
+    assert Controller(spec).run().params_sha256 != baseline.params_sha256
+
+
+def test_killed_worker_is_detected_restarted_and_bitwise_equal(baseline, tmp_path):
+    spec = tiny_spec(tmp_path, "kill")
+    result = Controller(spec, inject=InjectedFailure(rank=1, step=12, kind="kill")).run()
+    assert result.restarts == 1
+    assert result.params_sha256 == baseline.params_sha256
+    events = read_jsonl(spec.run_dir / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds.index("failure_injected") < kinds.index("failure_detected") < kinds.index("restored")
+    detected = next(e for e in events if e["event"] == "failure_detected")
+    assert detected["kind"] == "died" and detected["ranks"] == [1]
+    restored = next(e for e in events if e["event"] == "restored")
+    assert restored["step"] == 10 and restored["tier"] == "disk"
+    steps = [m["step"] for m in read_jsonl(spec.run_dir / "metrics.jsonl")]
+    assert steps[-1] == 30 and set(steps) == set(range(1, 31))
+
+
+def test_hung_worker_is_detected_within_timeout_and_recovered(baseline, tmp_path):
+    spec = tiny_spec(tmp_path, "hang", hang_timeout_s=4.0)
+    result = Controller(spec, inject=InjectedFailure(rank=1, step=12, kind="hang")).run()
+    assert result.restarts == 1
+    assert result.params_sha256 == baseline.params_sha256
+    events = read_jsonl(spec.run_dir / "events.jsonl")
+    detected = next(e for e in events if e["event"] == "failure_detected")
+    assert detected["kind"] == "hung" and 1 in detected["ranks"]
+    assert detected["since_injection_s"] <= spec.cluster.hang_timeout_s + 10
+    assert "injected_hang" in detected["cause"]
+
+
+def test_restarts_exhausted_stops_with_the_cause(ray_cluster, tmp_path):
+    spec = tiny_spec(tmp_path, "norestart", max_restarts=0)
+    with pytest.raises(JobFailed, match=r"died on rank\(s\) \[1\]"):
+        Controller(spec, inject=InjectedFailure(rank=1, step=3, kind="kill")).run()
+    events = read_jsonl(spec.run_dir / "events.jsonl")
+    assert events[-1]["event"] == "job_failed" and "0 restarts" in events[-1]["reason"]
