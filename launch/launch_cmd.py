@@ -14,6 +14,7 @@ from rich.table import Table
 
 from trainmem.runtime import ConfigError, Controller, InjectedFailure, JobFailed, JobSpec, load_spec
 from trainmem.runtime.spec_loader import build_dataclass
+from trainmem.runtime.worker_group import ClusterUnavailable
 
 from .usage import Parser, UsageError, fail
 
@@ -90,8 +91,9 @@ def main(argv: list[str]) -> int:
 
         try:
             result = Controller(spec, inject=inject, on_progress=on_progress, t0=t0).run()
-        except JobFailed as e:
-            console.print(f"[red]trainmem launch: {e}[/red]")
+        except (JobFailed, ClusterUnavailable) as e:
+            progress.stop()
+            print(f"trainmem launch: {e}", file=sys.stderr)
             return 1
     summary = {
         "steps": result.steps,

@@ -7,6 +7,7 @@ It knows how to start, poll and tear down ranks; it does not decide what to do a
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,19 +30,51 @@ class GroupFailure(RuntimeError):
         super().__init__(f"{kind} on rank(s) {ranks}: {cause}")
 
 
+class ClusterUnavailable(RuntimeError):
+    """The Ray cluster named by ``cluster.address`` cannot be joined; the message says why and what to do."""
+
+
 def connect_ray(cfg: ClusterConfig) -> bool:
     """Join ``cfg.address`` or start an embedded cluster; returns True if this call started Ray."""
     if ray.is_initialized():
         return False
     common = dict(namespace="trainmem", log_to_driver=False, logging_level="ERROR", configure_logging=True)
     if cfg.address:
-        ray.init(address=cfg.address, **common)
+        _probe_address(cfg.address)
+        try:
+            ray.init(address=cfg.address, **common)
+        except (ConnectionError, RuntimeError) as e:
+            auth = "token" in str(e).lower() or "auth" in str(e).lower()
+            fix = (
+                "the cluster uses token auth: export RAY_AUTH_MODE=token and make its token available "
+                "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+                if auth
+                else "check that a Ray head runs there (ray status --address ...) and the port is reachable"
+            )
+            raise ClusterUnavailable(f"cannot join Ray at cluster.address={cfg.address!r}: {fix}") from None
     else:
         # Keeps every embedded node on 127.0.0.1 rather than the machine's interface address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         need = int(cfg.workers * cfg.cpus_per_worker + 0.999)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, **common)
     return True
+
+
+def _probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the address, where ray.init would retry for minutes."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnavailable(f"cluster.address={address!r} is not host:port, ray://host:port or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterUnavailable(
+            f"cannot join Ray at cluster.address={address!r}: nothing answers there within {timeout_s:g}s ({e}); "
+            "start the head (ray start --head) or fix the address"
+        ) from None
 
 
 @dataclass

@@ -1,0 +1,17 @@
+import json
+
+import pytest
+
+from trainmem.launch.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_launch_quick_prints_json_beside_ray_train(capsys):
+    assert main(["bench", "launch", "--quick", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    for key in ("first_step_s", "detect_s", "recover_s"):
+        assert result[key] > 0 and result[f"raytrain_{key}"] > 0
+    # Detection is a health poll (0.5 s) plus actor-death notice, far under the 60 s hang timeout.
+    assert result["detect_s"] < 10
