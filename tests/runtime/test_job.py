@@ -86,3 +86,21 @@ def test_restarts_exhausted_stops_with_the_cause(ray_cluster, tmp_path):
         Controller(spec, inject=InjectedFailure(rank=1, step=3, kind="kill")).run()
     events = read_jsonl(spec.run_dir / "events.jsonl")
     assert events[-1]["event"] == "job_failed" and "0 restarts" in events[-1]["reason"]
+
+
+def test_resume_a_stopped_run_from_its_run_dir(baseline, tmp_path, capsys):
+    from trainmem.launch.cli import main
+
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[model]\nsize = "tiny"\n[train]\nsteps = 12\nbatch_size = 8\nlr = 3e-3\nseed = 7\n'
+        f'run_dir = "{tmp_path / "run"}"\n[cluster]\nworkers = 2\n[checkpoint]\nevery_steps = 5\n'
+    )
+    assert main(["launch", str(job), "--json"]) == 0
+    assert main(["launch", str(job)]) == 2  # the run folder has checkpoints: must say --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(["launch", "--resume", str(tmp_path / "run"), "--steps", "30", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 30 and summary["params_sha256"] == baseline.params_sha256
+    restored = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "restored"]
+    assert restored[-1]["step"] == 10
