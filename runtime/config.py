@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from trainmem.checkpoint import CheckpointConfig
+from trainmem.offload import ActivationConfig
+from trainmem.parallel import PipelineConfig
 
 from .models import ModelConfig
 from .spec_loader import ConfigError, build_dataclass, explain, read_toml
@@ -121,7 +123,22 @@ class JobSpec:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """[cluster] Ray and the worker group."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """[checkpoint] durable checkpoints."""
+    """[checkpoint] checkpoint tiers."""
+    memory: ActivationConfig = field(default_factory=ActivationConfig)
+    """[memory] activation keep/offload/recompute policy under a budget."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """[pipeline] pipeline-parallel schedule (stages > 1 turns it on)."""
+
+    def __post_init__(self) -> None:
+        if self.pipeline.stages > 1 and self.pipeline.stages != self.cluster.workers:
+            raise ValueError(
+                f"pipeline.stages={self.pipeline.stages} must equal cluster.workers={self.cluster.workers} "
+                "(one pipeline rank per worker)"
+            )
+        if self.pipeline.stages > 1 and self.train.batch_size % self.pipeline.microbatches:
+            raise ValueError(
+                f"pipeline.microbatches={self.pipeline.microbatches} must divide train.batch_size={self.train.batch_size}"
+            )
 
     @property
     def run_dir(self) -> Path:

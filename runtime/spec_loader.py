@@ -132,7 +132,8 @@ def build_dataclass(cls: type, table: dict[str, Any], source: str, prefix: str) 
 def _split_check_message(message: str, fields: dict) -> tuple[str, str]:
     """``__post_init__`` checks start with ``"<field>=..."``; pull the field name out."""
     head = message.split("=", 1)[0].strip()
-    return (head, message) if head in fields else ("", message)
+    # cross-section checks (JobSpec) name a dotted key such as "pipeline.stages"
+    return (head, message) if head.split(".", 1)[0] in fields else ("", message)
 
 
 def explain(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -22,7 +22,6 @@ import numpy as np
 import ray
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainmem.checkpoint import DurableStore
 from trainmem.checkpoint.state import flatten_training_state, restore_training_state
@@ -30,7 +29,8 @@ from trainmem.checkpoint.state import flatten_training_state, restore_training_s
 from .config import JobSpec
 from .data import open_corpus
 from .failure import InjectedFailure
-from .models import build, lm_loss
+from .engines import build_engine
+from .models import build
 from .runlog import RunLog
 
 
@@ -118,29 +118,38 @@ class Worker:
                 f"(fix: set model.vocab_size >= {self.corpus.max_token + 1})"
             )
         self.model = build(spec.model, seed=spec.train.seed).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay
-        )
-        self.store = DurableStore(spec.checkpoint_dir, keep=spec.checkpoint.keep)
+        self.pipelined = spec.pipeline.stages > 1
+        # Pipeline ranks own different parameters and optimizer state: each keeps its own store.
+        root = spec.checkpoint_dir / f"rank-{self.rank}" if self.pipelined else spec.checkpoint_dir
+        self.store = DurableStore(root, keep=spec.checkpoint.keep)
         start = self._restore()  # checkpoint seam: restore
-        self.ddp = DDP(self.model, device_ids=[self.device.index] if use_cuda else None)
+        self._enter("planning")
+        self.engine = build_engine(spec, self.model, self.device, self._batch(start + 1))
+        if self.engine.policy is not None and self.rank == 0:
+            self.log.event("activation_plan", attempt=self.attempt, **self.engine.policy.plan_.to_dict())
+        self.optimizer = torch.optim.AdamW(
+            self.engine.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay
+        )
+        if start:
+            restore_training_state(self.model, self.optimizer, self._restored.tensors, self._restored.meta)
         with self._lock:
             self._step_done = start
         return start
 
     def _restore(self) -> int:
-        # checkpoint seam: restore — every rank loads the newest durable step (DDP replicas are equal).
-        loaded = self.store.load()
-        if loaded is None:
-            return 0
-        restore_training_state(self.model, self.optimizer, loaded.tensors, loaded.meta)
-        return loaded.step
+        # checkpoint seam: restore — the newest durable step every rank has (DDP replicas share
+        # one store; pipeline ranks agree on the minimum, which every rank still keeps).
+        latest = torch.tensor([self.store.latest_step() or 0])
+        dist.all_reduce(latest, op=dist.ReduceOp.MIN)
+        step = int(latest.item())
+        self._restored = self.store.load(step) if step else None
+        return step
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         spec = self.spec
         start = self._step_done
-        tokens_per_step = spec.train.batch_size * spec.model.seq_len * self.world
+        tokens_per_step = spec.train.batch_size * spec.model.seq_len * self.engine.data_rank_world[1]
         for step in range(start + 1, spec.train.steps + 1):
             t0 = time.perf_counter()
             self._maybe_inject(step)
@@ -155,6 +164,7 @@ class Worker:
                 "tokens_per_s": tokens_per_step / dt,
                 "peak_mem_bytes": peak,
                 "peak_mem_kind": peak_kind,
+                **self.engine.last_stats,
                 "attempt": self.attempt,
                 "time": time.time(),
             }
@@ -165,36 +175,33 @@ class Worker:
                 self._step_done = step
         self._enter("finished")
         result = {"rank": self.rank, "steps": self._step_done}
+        self.engine.gather_to_rank0()
         if self.rank == 0:
             result["params_sha256"] = params_sha256(self.model)
         dist.barrier()
         return result
 
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data_rank, data_world = (0, 1) if self.pipelined else (self.rank, self.world)
+        x, y = self.corpus.batch(
+            seed=self.spec.train.seed, step=step, rank=data_rank, world=data_world,
+            batch_size=self.spec.train.batch_size, seq_len=self.spec.model.seq_len,
+        )
+        return x.to(self.device), y.to(self.device)
+
     def _train_step(self, step: int) -> float:
         spec = self.spec
         self._enter("data")
         torch.manual_seed(step_seed(spec.train.seed, step, self.rank))
-        x, y = self.corpus.batch(
-            seed=spec.train.seed,
-            step=step,
-            rank=self.rank,
-            world=self.world,
-            batch_size=spec.train.batch_size,
-            seq_len=spec.model.seq_len,
-        )
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self._batch(step)
         self._enter("forward_backward")
-        loss = lm_loss(self.ddp(x), y)
-        loss.backward()
+        loss = self.engine.forward_backward(x, y)
         self._enter("optimizer")
         if spec.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.train.grad_clip)
+            self.engine.clip(spec.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._enter("loss_allreduce")
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        return mean_loss.item() / self.world
+        return loss
 
     def _after_step(self, step: int) -> None:
         # checkpoint seam: after step — durable save every `every_steps` by rank 0, then a barrier
@@ -202,7 +209,7 @@ class Worker:
         every = self.spec.checkpoint.every_steps
         if every and step % every == 0:
             self._enter("checkpoint")
-            if self.rank == 0:
+            if self.rank == 0 or self.pipelined:
                 tensors, meta = flatten_training_state(self.model, self.optimizer)
                 self.store.save(step, tensors, {**meta, "world": self.world, "seed": self.spec.train.seed})
             dist.barrier()

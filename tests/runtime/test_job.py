@@ -9,17 +9,13 @@ import pytest
 from trainmem.runtime import Controller, InjectedFailure, JobFailed, load_spec
 from trainmem.runtime.runlog import read_jsonl
 
+from .conftest import tiny_overrides
+
 pytestmark = pytest.mark.slow
 
 
 def tiny_spec(tmp_path, name, **cluster):
-    overrides = {
-        "model": {"size": "tiny"},
-        "train": {"steps": 30, "batch_size": 8, "lr": 3e-3, "seed": 7, "run_dir": str(tmp_path / name)},
-        "cluster": {"workers": 2, "hang_timeout_s": 10.0, **cluster},
-        "checkpoint": {"every_steps": 5},
-    }
-    return load_spec(None, overrides)
+    return load_spec(None, tiny_overrides(tmp_path / name, cluster=cluster))
 
 
 @pytest.fixture(scope="module")
