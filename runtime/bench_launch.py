@@ -60,7 +60,9 @@ def run_ours(job: dict, work: Path) -> dict:
     kill = next(e["time"] for e in events if e["event"] == "failure_injected")
     detect = next(e["time"] for e in events if e["event"] == "failure_detected")
     resumed = next(m["time"] for m in metrics if m["attempt"] > 0)
+    restored = next(e["step"] for e in events if e["event"] == "restored")
     return {"first_step_s": metrics[0]["time"] - t0, "detect_s": detect - kill, "recover_s": resumed - kill,
+            "restored_step": restored, "lost_steps": job["kill_step"] - 1 - restored,
             "wall_s": time.time() - t0, "params_sha256": json.loads(proc.stdout.strip().splitlines()[-1])["params_sha256"]}
 
 
@@ -75,10 +77,15 @@ def run_raytrain(job: dict, work: Path) -> dict:
     kill = next(e["time"] for e in timeline if e["event"] == "kill")
     detect = next((e["time"] for e in timeline if e["event"] == "detected"), float("nan"))
     first = next(e["time"] for e in timeline if e["event"] == "step")
-    restored = next(e["time"] for e in timeline if e["event"] == "restored")
-    resumed = next(e["time"] for e in timeline if e["event"] == "step" and e["time"] > restored)
+    # A checkpoint reported just before the kill may not be registered yet: Ray Train then
+    # restarts from step 0 (no "restored" line). Either way, resumption is the first step
+    # finished by the restarted group.
+    restored = next((e for e in timeline if e["event"] == "restored"), None)
+    restart_time = restored["time"] if restored else (detect if detect == detect else kill)
+    resumed = next(e["time"] for e in timeline if e["event"] == "step" and e["time"] > restart_time)
     return {"first_step_s": first - t0, "detect_s": detect - kill, "recover_s": resumed - kill,
-            "wall_s": time.time() - t0}
+            "wall_s": time.time() - t0, "restored_step": restored["step"] if restored else 0,
+            "lost_steps": job["kill_step"] - 1 - (restored["step"] if restored else 0)}
 
 
 def main(argv: list[str]) -> int:
@@ -100,6 +107,9 @@ def main(argv: list[str]) -> int:
         ratio = ours[key] / theirs[key] if theirs[key] else float("nan")
         table.add_row(key, f"{ours[key]:.2f}", f"{theirs[key]:.2f}", f"{ratio:.2f}")
         out[key], out[f"raytrain_{key}"], out[f"ratio_{key}"] = round(ours[key], 3), round(theirs[key], 3), round(ratio, 3)
+    for key in ("restored_step", "lost_steps"):
+        table.add_row(key, str(ours[key]), str(theirs[key]), "")
+        out[key], out[f"raytrain_{key}"] = ours[key], theirs[key]
     console.print(table)
     if args.json:
         print(json.dumps(out))

@@ -71,6 +71,8 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None  # only JSON (spec.json) can say null; TOML has no null
         errors = []
         for option in typing.get_args(tp):
             if option is type(None):
