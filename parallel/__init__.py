@@ -1,1 +1,34 @@
-"""trainmem.parallel"""
+"""trainmem.parallel: pipeline schedules with controllable memory — IR, generators, validator,
+simulator, search and a torch.distributed executor.
+
+A worker (rank r of an initialized process group of size p) runs a pipelined step like this::
+
+    cfg = PipelineConfig(schedule="v-half", stages=p, microbatches=8)
+    layout = layout_for(cfg, model_cfg.n_layer)          # per rank: [(stage, n_blocks), ...]
+    counts = {s: n for row in layout for s, n in row}
+    stages = split_into_stages(model, [counts[s] for s in sorted(counts)])
+    ex = PipelineExecutor(build_schedule(cfg), r, {s: stages[s] for s, _ in layout[r]}, lm_loss,
+                          timeout_s=cfg.timeout_s)
+    stats = ex.step(list(zip(inputs.chunk(8), targets.chunk(8))))   # grads land in model's .grad
+"""
+
+from .blocks import BuildingBlock, v_block, v_half, v_min
+from .config import PipelineConfig, build_schedule, layout_for
+from .executor import PipelineError, PipelineExecutor, StepStats
+from .generators import gpipe, greedy, interleaved_1f1b, one_f_one_b, zb_h1, zb_h2, zb_v
+from .ir import Action, Kind, Schedule, add_comms, from_csv, loop_placement, to_csv, v_placement
+from .offload_pass import with_offload
+from .schedules import SCHEDULE_NAMES, even_layers, make_schedule, placement_for, stage_layout
+from .search import Candidate, pick
+from .simulate import Costs, DeadlockError, SimResult, order_peak, simulate
+from .stash import SavedBytesMeter
+from .validate import ScheduleError, validate
+
+__all__ = [
+    "Action", "BuildingBlock", "Candidate", "Costs", "DeadlockError", "Kind", "PipelineConfig",
+    "PipelineError", "PipelineExecutor", "SCHEDULE_NAMES", "SavedBytesMeter", "Schedule", "ScheduleError",
+    "SimResult", "StepStats", "add_comms", "build_schedule", "even_layers", "from_csv", "gpipe", "greedy",
+    "interleaved_1f1b", "layout_for", "loop_placement", "make_schedule", "one_f_one_b", "order_peak",
+    "pick", "placement_for", "simulate", "stage_layout", "to_csv", "v_block", "v_half", "v_min",
+    "v_placement", "validate", "with_offload", "zb_h1", "zb_h2", "zb_v",
+]

@@ -1,0 +1,122 @@
+"""Simulator ground truth (equal costs, comm 0) and the search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trainmem.parallel import (Costs, DeadlockError, Kind, make_schedule, order_peak, pick, simulate, v_block,
+                               validate, with_offload)
+
+CASES = [(2, 4), (3, 6), (4, 8), (4, 12), (2, 8)]
+
+
+def _sim(name, p, m, v=None):
+    sched = make_schedule(name, p, m, v)
+    validate(sched)
+    return simulate(sched, Costs(f=1, b=1, w=1))
+
+
+@pytest.mark.parametrize("p,m", CASES + [(4, 2)])
+def test_gpipe_and_1f1b(p, m):
+    for name in ("gpipe", "1f1b"):
+        res = _sim(name, p, m)
+        assert res.bubble == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
+    assert _sim("gpipe", p, m).peak_mb == [m] * p
+    assert _sim("1f1b", p, m).peak_mb == [min(p - r, m) for r in range(p)]
+
+
+@pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 8, 2), (4, 8, 3), (3, 6, 4)])
+def test_interleaved(p, m, v):
+    res = _sim("interleaved", p, m, v)
+    assert res.bubble == pytest.approx((p - 1) / (v * m + p - 1), abs=1e-12)
+    assert res.peak_mb[0] == pytest.approx(p + (p - 1) / v)
+
+
+@pytest.mark.parametrize("p,m", CASES)
+def test_zero_bubble_family(p, m):
+    h1 = _sim("zb-h1", p, m)
+    assert h1.bubble == pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
+    assert h1.peak_mb == [p] * p
+    if m >= 2 * p:
+        h2 = _sim("zb-h2", p, m)
+        assert h2.bubble == pytest.approx(0.0, abs=1e-12)
+        assert h2.peak_mb == [2 * p] * p
+        zbv = _sim("zb-v", p, m)
+        assert zbv.bubble == pytest.approx(0.0, abs=1e-12)
+        assert zbv.peak_mb == [p] * p
+
+
+def test_table_figures_p4_m8():
+    assert round(_sim("1f1b", 4, 8).bubble, 4) == 0.2727
+    assert round(_sim("zb-h1", 4, 8).bubble, 4) == 0.1111
+    assert round(_sim("v-half", 4, 8).bubble, 4) == 0.0943
+    assert round(_sim("v-min", 4, 8).bubble, 4) == 0.1864
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (3, 6), (4, 8), (4, 16), (6, 12), (8, 16)])
+def test_v_shapes_memory(p, m):
+    half, vmin = _sim("v-half", p, m), _sim("v-min", p, m)
+    assert max(half.peak_mb) == (p + 2) // 2
+    assert max(vmin.peak_mb) == (p + 4) // 3
+    one = _sim("1f1b", p, m)
+    assert max(half.peak_mb) <= max(one.peak_mb)
+    # the block's lifespan bound holds for the repeated schedule
+    for step, res in ((2, half), (1, vmin)):
+        bound = v_block("x", p, step).predicted_peak_mb(m)
+        assert all(a <= b + 1e-9 for a, b in zip(res.peak_mb, bound))
+
+
+def test_costs_scale_time_not_bubble_shape():
+    sched = make_schedule("1f1b", 4, 8)
+    slow_b = simulate(sched, Costs(f=1, b=2, w=0))
+    assert slow_b.makespan == pytest.approx(3 * (8 + 3))  # BW = 2, F = 1 per step
+    comm = simulate(sched, Costs(f=1, b=1, w=1, comm=0.5))
+    assert comm.makespan > simulate(sched).makespan
+
+
+def test_offload_lowers_peak_and_costs_time_when_copies_are_slow():
+    sched = make_schedule("1f1b", 4, 8)
+    off = with_offload(sched)
+    validate(off)
+    fast = simulate(off, Costs(offload=0.1))
+    assert max(fast.peak_mb) < max(simulate(sched).peak_mb)
+    assert fast.makespan == pytest.approx(simulate(sched).makespan)
+    slow = simulate(off, Costs(offload=5.0))
+    assert slow.makespan > fast.makespan
+    assert order_peak(off) == [2.0, 2.0, 2.0, 1.0]
+
+
+def test_pick_fits_budget_and_prefers_fastest():
+    costs = Costs(f=1, b=1, w=1, offload=0.5)
+    best, cands = pick(4, 8, 3.0, costs)
+    assert best is not None and max(best.sim.peak_mb) <= 3.0
+    fits = [c for c in cands if max(c.sim.peak_mb) <= 3.0]
+    assert best.sim.makespan == min(c.sim.makespan for c in fits)
+    none, _ = pick(4, 8, 0.1, costs)
+    assert none is None
+    no_off, _ = pick(4, 8, 2.0, costs, offload=False)
+    assert no_off.name == "v-min" and not no_off.offload
+
+
+def test_cross_rank_cycle_is_rejected_with_names():
+    from trainmem.parallel import ScheduleError
+
+    sched = make_schedule("1f1b", 2, 2)
+    act = sched.act
+    # rank 0 waits for mb 0's grad before sending mb 1; rank 1 waits for mb 1 before sending that grad
+    r0 = [act(Kind.F, 0, 0), act(Kind.BW, 0, 0), act(Kind.F, 0, 1), act(Kind.BW, 0, 1)]
+    r1 = [act(Kind.F, 1, 0), act(Kind.F, 1, 1), act(Kind.BW, 1, 0), act(Kind.BW, 1, 1)]
+    with pytest.raises(ScheduleError, match=r"deadlock: rank 0 action #\d+ 0RECV_B0 waits for 1SEND_B0 from rank 1"):
+        validate(sched.with_ranks([r0, r1]))
+
+
+def test_simulator_deadlock_error_names_rank_and_peer():
+    from trainmem.parallel import add_comms
+
+    sched = add_comms(make_schedule("1f1b", 2, 2))
+    r0 = [a for a in sched.ranks[0] if not (a.kind is Kind.SEND_F and a.mb == 1)]
+    with pytest.raises(DeadlockError, match=r"rank 1 .*RECV_F1 waits for 0SEND_F1 from rank 0"):
+        simulate(sched.with_ranks([r0, sched.ranks[1]]))
+    assert math.isfinite(simulate(sched).makespan)
