@@ -1,0 +1,204 @@
+"""Product-key memory layer (Lample et al. 2019; Memory Layers at Scale, 2024).
+
+A query net maps each token to ``heads`` queries. Each query is split in two halves scored
+against two sub-key tables of ``n_keys`` rows; the top-k of each half give k*k candidate slots
+whose score is the sum of the halves. The top-k of those candidates is *exactly* the top-k
+over all n_keys**2 slots (a slot in the global top-k must have both halves in their half's
+top-k). Softmax in float32, then one ``embedding_bag(sum, per_sample_weights)`` over the value
+table. Value rows get sparse gradients and their own optimizer, so a step touches only the rows
+it read. ``ColumnShardedProductKeyMemory`` splits value columns across ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ProductKeyConfig
+from .optim import RowSparseAdam
+
+
+@functools.lru_cache(maxsize=32)
+def _candidate_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank pairs (i, j) with (i+1)*(j+1) <= k: the only ones that can reach the top-k.
+
+    With both halves sorted, pair (i, j) is outscored by every (i', j') with i' <= i, j' <= j:
+    (i+1)*(j+1) - 1 others. If that is >= k it cannot be in the top-k. This keeps about
+    k*ln(k) of the k*k pairs (130 of 1024 at k=32) and stays exact.
+    """
+    pairs = [(i, j) for i in range(k) for j in range(k // (i + 1))]
+    ci, cj = zip(*pairs)
+    return torch.tensor(ci), torch.tensor(cj)
+
+
+def product_key_topk(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and slot indices of the top-``k`` slots per (token, head).
+
+    q: (N, H, k_dim); keys: (H, 2, n_keys, k_dim/2). Returns (N, H, k) scores and indices in
+    ``[0, n_keys**2)``, index ``i * n_keys + j`` for sub-keys (i, j), sorted by score.
+    """
+    h, _, n_keys, half = keys.shape
+    n = q.shape[0]
+    # Both halves of all heads in one batched matmul: (H*2, N, half) @ (H*2, half, n_keys).
+    qh = q.view(n, h * 2, half).transpose(0, 1)
+    scores = torch.bmm(qh, keys.reshape(h * 2, n_keys, half).transpose(1, 2))
+    v, i = scores.topk(k, dim=-1)  # sorted, descending: _candidate_pairs relies on it
+    v, i = v.view(h, 2, n, k), i.view(h, 2, n, k)
+    ci, cj = _candidate_pairs(k)
+    ci, cj = ci.to(q.device), cj.to(q.device)
+    cand = v[:, 0].index_select(-1, ci) + v[:, 1].index_select(-1, cj)
+    best_scores, best = cand.topk(k, dim=-1)
+    # Slot ids only for the k winners, not for every candidate pair.
+    idx = i[:, 0].gather(-1, ci[best]) * n_keys + i[:, 1].gather(-1, cj[best])
+    return best_scores.permute(1, 0, 2), idx.permute(1, 0, 2)
+
+
+class ProductKeyMemory(nn.Module):
+    """Drop-in for a block's MLP: (..., d_model) → (..., d_model)."""
+
+    def __init__(self, cfg: ProductKeyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.query = nn.Linear(cfg.d_model, cfg.heads * cfg.k_dim, bias=False)
+        self.keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2))
+        self.values = nn.EmbeddingBag(
+            cfg.n_slots, self._local_value_dim(), mode="sum", sparse=cfg.sparse
+        )
+        self.gate = nn.Linear(cfg.d_model, cfg.value_dim, bias=False) if cfg.gated else None
+        needs_out = cfg.gated or cfg.value_dim != cfg.d_model
+        self.out = nn.Linear(cfg.value_dim, cfg.d_model, bias=False) if needs_out else None
+        self.reset_parameters()
+
+    def _local_value_dim(self) -> int:
+        return self.cfg.value_dim
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.cfg.k_dim // 2)
+        nn.init.uniform_(self.keys, -bound, bound)
+        nn.init.normal_(self.values.weight, std=self.cfg.value_dim**-0.5)
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, d_model) → float32 weights (N, H*k) and slot indices (N, H*k)."""
+        cfg = self.cfg
+        q = self.query(x).view(x.shape[0], cfg.heads, cfg.k_dim)
+        scores, idx = product_key_topk(q, self.keys, cfg.topk)
+        weights = F.softmax(scores.float(), dim=-1)
+        return weights.flatten(1), idx.flatten(1)
+
+    def read_values(self, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.values(idx, per_sample_weights=weights.to(self.values.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.lookup(flat)
+        out = self.read_values(weights, idx)
+        if self.gate is not None:
+            out = out * F.silu(self.gate(flat))
+        if self.out is not None:
+            out = self.out(out)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [self.values.weight]
+
+
+class _CopyToShards(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ranks (each saw only its columns)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherColumns(torch.autograd.Function):
+    """All-gather column slices forward; backward keeps this rank's slice (the rest is replicated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        ctx.rank, ctx.cols = rank, x.shape[-1]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        start = ctx.rank * ctx.cols
+        return grad[..., start : start + ctx.cols].contiguous(), None
+
+
+class ColumnShardedProductKeyMemory(ProductKeyMemory):
+    """Each rank holds ``value_dim / world`` columns of every value row (Shard(1)).
+
+    Queries, keys, gate and output projection are replicated (same seed on every rank, or
+    ``from_full``); slot indices are computed redundantly, so only the read values travel.
+    """
+
+    def __init__(self, cfg: ProductKeyConfig, group=None):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if cfg.value_dim % self.world:
+            raise ValueError(f"v_dim={cfg.value_dim} must be divisible by the world size {self.world}")
+        super().__init__(cfg)
+
+    def _local_value_dim(self) -> int:
+        return self.cfg.value_dim // self.world
+
+    @classmethod
+    def from_full(cls, full: ProductKeyMemory, group=None) -> "ColumnShardedProductKeyMemory":
+        """Shard an unsharded layer's parameters (every rank passes the same ``full``)."""
+        shard = cls(full.cfg, group)
+        state = {k: v for k, v in full.state_dict().items() if k != "values.weight"}
+        shard.load_state_dict(state, strict=False)
+        cols = shard._local_value_dim()
+        with torch.no_grad():
+            shard.values.weight.copy_(full.values.weight[:, shard.rank * cols : (shard.rank + 1) * cols])
+        return shard
+
+    def read_values(self, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        weights = _CopyToShards.apply(weights, self.group)
+        local = self.values(idx, per_sample_weights=weights.to(self.values.weight.dtype))
+        return _GatherColumns.apply(local, self.group)
+
+
+def memory_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split ``model``'s parameters into (dense, memory value rows) for two optimizers."""
+    values: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, ProductKeyMemory):
+            values.extend(m.value_parameters())
+    ids = {id(p) for p in values}
+    return [p for p in model.parameters() if id(p) not in ids], values
+
+
+def value_optimizer(params: Iterable[nn.Parameter], lr: float = 1e-3, sparse: bool = True) -> torch.optim.Optimizer:
+    """The value rows' own optimizer: row-sparse Adam updates only the rows present in a sparse grad."""
+    params = list(params)
+    if sparse:
+        return RowSparseAdam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def build_optimizers(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+    """AdamW over dense parameters plus one value optimizer per memory layer's learning rate."""
+    dense, _ = memory_parameters(model)
+    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay)]
+    for m in model.modules():
+        if isinstance(m, ProductKeyMemory):
+            opts.append(value_optimizer(m.value_parameters(), m.cfg.value_lr, m.cfg.sparse))
+    return opts
