@@ -134,9 +134,15 @@ class Controller:
         if self.group is not None:
             self.group.shutdown()
             self.group = None
-        if failure.kind == "start" or not self.policy.should_restart():
+        repeated = failure.kind == "error" and len(self._failures) > 1 and all(
+            f["kind"] == "error" and f["cause"] == record["cause"] and f["step"] == record["step"]
+            for f in self._failures[-2:]
+        )
+        if failure.kind == "start" or repeated or not self.policy.should_restart():
             self.state = JobState.FAILED
-            why = "cannot start" if failure.kind == "start" else f"{self.policy.restarts} restarts used"
+            why = ("cannot start" if failure.kind == "start" else
+                   "the same error at the same step after a restart: not transient" if repeated else
+                   f"{self.policy.restarts} restarts used")
             self.log.event("job_failed", cause=str(failure), reason=why)
             raise JobFailed(f"job stopped ({why}): {failure}; see {self.log.events_path}")
         self.state = JobState.RESTARTING

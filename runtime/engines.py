@@ -21,6 +21,28 @@ from trainmem.parallel import PipelineConfig, PipelineExecutor, build_schedule, 
 from .models import GPT, lm_loss, split_into_stages
 
 
+def clip_by_total_norm(params: list[torch.nn.Parameter], max_norm: float, *, reduce: bool) -> None:
+    """torch's clip over dense grads, with row-sparse grads (memory-layer values) counted too.
+
+    ``reduce`` sums the squared norm over the process group (pipeline ranks each hold a part).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    dense = [g for g in grads if not g.is_sparse]
+    sparse = [g.coalesce() for g in grads if g.is_sparse]
+    if not reduce and not sparse:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)  # the common case, exactly torch's arithmetic
+        return
+    norms = [torch.nn.utils.get_total_norm(dense)] if dense else []
+    norms += [g.values().norm() for g in sparse]
+    sq = torch.stack(norms).double().pow(2).sum() if norms else torch.zeros((), dtype=torch.float64)
+    if reduce:
+        dist.all_reduce(sq)
+    coef = min(1.0, max_norm / (math.sqrt(sq.item()) + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+
+
 def build_policy(cfg: ActivationConfig, model: GPT, warmup_batch: tuple[torch.Tensor, torch.Tensor]) -> ActivationPolicy:
     """Wrap the blocks and plan from one warm-up forward/backward on this rank's raw model."""
     policy = ActivationPolicy(cfg, model.blocks)
@@ -56,7 +78,7 @@ class DataParallelEngine:
         return mean.item() / dist.get_world_size()
 
     def clip(self, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        clip_by_total_norm(self.parameters(), max_norm, reduce=False)
 
     def gather_to_rank0(self) -> None:
         """DDP replicas are already equal."""
@@ -100,15 +122,7 @@ class PipelineEngine:
 
     def clip(self, max_norm: float) -> None:
         """Clip by the norm over all stages' gradients, as the unpipelined model would."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float64)
-        for g in grads:
-            sq += g.detach().double().pow(2).sum()
-        dist.all_reduce(sq)
-        coef = max_norm / (math.sqrt(sq.item()) + 1e-6)
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+        clip_by_total_norm(self.parameters(), max_norm, reduce=True)
 
     def gather_to_rank0(self) -> None:
         """Rank 0's model copy takes every stage's current parameters (for hashing and saving)."""

@@ -31,6 +31,7 @@ from .data import open_corpus
 from .failure import InjectedFailure
 from .engines import build_engine
 from .models import build
+from .optim import build_optimizer
 from .runlog import RunLog
 
 
@@ -127,9 +128,7 @@ class Worker:
         self.engine = build_engine(spec, self.model, self.device, self._batch(start + 1))
         if self.engine.policy is not None and self.rank == 0:
             self.log.event("activation_plan", attempt=self.attempt, **self.engine.policy.plan_.to_dict())
-        self.optimizer = torch.optim.AdamW(
-            self.engine.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay
-        )
+        self.optimizer = build_optimizer(self.model, self.engine.parameters(), spec.train)
         if start:
             restore_training_state(self.model, self.optimizer, self._restored.tensors, self._restored.meta)
         with self._lock:

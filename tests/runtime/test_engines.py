@@ -55,3 +55,27 @@ def test_memory_policy_respects_its_budget_keeps_the_math_and_recovers(ray_clust
     assert _losses(auto) == pytest.approx(_losses(plain), rel=1e-5)
     again = Controller(_spec(tmp_path / "auto-clean", train=train, memory=memory)).run()
     assert auto.restarts == 1 and auto.params_sha256 == again.params_sha256
+
+
+def test_memory_layer_gpt_trains_with_sparse_values_and_recovers_bitwise(ray_cluster, tmp_path):
+    sections = {"model": {"size": "tiny", "memory_layers": [1]}, "train": {"steps": 12}}
+    clean = Controller(_spec(tmp_path / "pkm", **sections)).run()
+    killed = Controller(_spec(tmp_path / "pkm-kill", **sections), inject=InjectedFailure(rank=1, step=8)).run()
+    assert killed.restarts == 1 and killed.params_sha256 == clean.params_sha256
+    losses = _losses(clean)
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_a_deterministic_error_stops_after_one_restart(ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainmem.runtime import JobFailed
+
+    pq.write_table(pa.table({"tokens": [[300] * 500]}), tmp_path / "ids.parquet")
+    spec = _spec(tmp_path / "bad", data={"source": "files", "paths": [str(tmp_path / "ids.parquet")],
+                                         "cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(JobFailed, match="not transient"):
+        Controller(spec).run()
+    failures = [e for e in read_jsonl(spec.run_dir / "events.jsonl") if e["event"] == "failure_detected"]
+    assert len(failures) == 2 and "model.vocab_size" in failures[0]["cause"]
