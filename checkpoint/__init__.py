@@ -1,6 +1,40 @@
-"""trainmem.checkpoint: snapshots of training state and their storage tiers."""
+"""trainmem.checkpoint: snapshots of training state and their storage tiers.
 
-from .config import CheckpointConfig
-from .durable import DurableStore, LoadedCheckpoint
+Tiers, fastest first: in-memory erasure-coded snapshots kept by per-node holders
+(:class:`SnapshotWriter` → :class:`SnapshotHolder` shared memory, committed by
+:class:`SnapshotCoordinator`; in a job: :class:`SnapshotService` + :class:`RankSnapshots`),
+the zstd flush tier (:class:`FlushStore`), and the durable safetensors tier (:class:`DurableStore`).
 
-__all__ = ["CheckpointConfig", "DurableStore", "LoadedCheckpoint"]
+Names are imported on first use, so a holder process (or ``trainmem config``) does not pay
+for torch when it only needs numpy and Ray.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from .config import CheckpointConfig, ECConfig
+
+_WHERE = {
+    "CheckpointCorrupt": "durable", "DurableStore": "durable", "LoadedCheckpoint": "durable",
+    "SnapshotWriter": "capture", "SnapshotError": "capture",
+    "SnapshotCoordinator": "coordinator",
+    "HolderSet": "holder", "SnapshotHolder": "holder", "start_holders": "holder", "cleanup_segments": "holder",
+    "RSCodec": "isal", "ErasureError": "isal",
+    "SnapshotLayout": "layout", "capture_rng_states": "layout", "restore_rng_states": "layout", "unpack": "layout",
+    "assignment": "placement", "node_loss_tolerance": "placement",
+    "FetchedSnapshot": "recovery", "SnapshotUnavailable": "recovery", "fetch_snapshot": "recovery",
+    "reencode": "recovery",
+    "FlushStore": "flush", "FlushedRank": "flush", "FlushedSnapshot": "flush", "SnapshotFlusher": "flush",
+    "dp_source_rank": "reshard", "flat_shard": "reshard", "reshard_flat": "reshard", "reshard_states": "reshard",
+    "SnapshotService": "session", "RankSnapshots": "session", "PLAN_FILE": "session",
+}
+
+__all__ = ["CheckpointConfig", "ECConfig", *_WHERE]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'trainmem.checkpoint' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
