@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trainmem.checkpoint import CheckpointConfig
+from trainmem.memory_services import ServicesConfig
 from trainmem.offload import ActivationConfig
 from trainmem.parallel import PipelineConfig
 
@@ -128,6 +129,8 @@ class JobSpec:
     """[memory] activation keep/offload/recompute policy under a budget."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     """[pipeline] pipeline-parallel schedule (stages > 1 turns it on)."""
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    """[services] memory layers, retriever and consolidation served on the cluster (trainmem serve)."""
 
     def __post_init__(self) -> None:
         if self.pipeline.stages > 1 and self.pipeline.stages != self.cluster.workers:

@@ -79,6 +79,7 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
 def test_config_explain_lists_every_section_with_docs(capsys):
     assert main(["config", "explain"]) == 0
     out = capsys.readouterr().out
-    for key in ("model.size", "data.source", "train.steps", "cluster.hang_timeout_s", "checkpoint.every_steps"):
+    for key in ("model.size", "data.source", "train.steps", "cluster.hang_timeout_s", "checkpoint.every_steps",
+                "memory.activations", "pipeline.schedule", "services.retriever.kind"):
         assert key in out
     assert "Training ranks" in out  # a field docstring made it through
