@@ -138,6 +138,11 @@ class JobSpec:
                 f"pipeline.stages={self.pipeline.stages} must equal cluster.workers={self.cluster.workers} "
                 "(one pipeline rank per worker)"
             )
+        if self.pipeline.stages > 1 and self.memory.activations in ("offload", "auto"):
+            raise ValueError(
+                f"memory.activations={self.memory.activations!r} cannot run inside a pipeline schedule yet (its host "
+                "pool holds one microbatch in flight); use memory.activations='recompute' or pipeline.offload=true"
+            )
         if self.pipeline.stages > 1 and self.train.batch_size % self.pipeline.microbatches:
             raise ValueError(
                 f"pipeline.microbatches={self.pipeline.microbatches} must divide train.batch_size={self.train.batch_size}"
