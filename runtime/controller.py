@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import ray
 
+from trainmem.checkpoint import SnapshotService
+
 from .config import JobSpec
 from .failure import InjectedFailure, RestartPolicy
 from .runlog import RunLog, read_jsonl
@@ -75,6 +77,8 @@ class Controller:
         self.group: WorkerGroup | None = None
         self._last_metric: dict[str, Any] | None = None
         self._failures: list[dict[str, Any]] = []
+        self.snapshots: SnapshotService | None = None
+        self._restore_plan: dict[str, Any] | None = None
 
     # ---- the state machine --------------------------------------------------------------
     def run(self) -> JobResult:
@@ -82,13 +86,27 @@ class Controller:
         self.log.event("job_started", workers=self.spec.cluster.workers, steps=self.spec.train.steps,
                        ray_address=self.spec.cluster.address or "embedded")
         try:
+            self._start_snapshots()  # checkpoint seam: holders start before any trainer
             results = self._run_attempts()
         finally:
+            if self.snapshots is not None:
+                self.snapshots.shutdown()
             if self.group is not None:
                 self.group.shutdown()
             if started_ray:
                 ray.shutdown()
         return self._result(results)
+
+    def _start_snapshots(self) -> None:
+        if not self.spec.checkpoint.snapshot_every:
+            return
+        world = self.spec.cluster.workers
+        # DDP ranks are replicas (one stored snapshot per step suffices); pipeline stages are not.
+        groups = [[r] for r in range(world)] if self.spec.pipeline.stages > 1 else [list(range(world))]
+        self.snapshots = SnapshotService(self.spec.checkpoint, world=world, run_dir=self.spec.run_dir,
+                                         checkpoint_dir=self.spec.checkpoint_dir, event=self.log.event,
+                                         replica_groups=groups)
+        self.snapshots.start()
 
     def _run_attempts(self) -> list[dict[str, Any]] | None:
         attempt = 0
@@ -101,6 +119,8 @@ class Controller:
 
     def _run_one(self, attempt: int) -> list[dict[str, Any]]:
         self.state = JobState.STARTING
+        if self.snapshots is not None:  # checkpoint seam: decide the restore tier, write the plan
+            self._restore_plan = self.snapshots.prepare_attempt(attempt)
         self.group = WorkerGroup(self.spec, attempt, self.inject)
         t_start = time.time()
         resumed = self.group.start()
@@ -108,12 +128,16 @@ class Controller:
                        start_s=round(time.time() - t_start, 3), pids=self.group.pids())
         if resumed:
             # checkpoint seam: restore — which tier served the state is named here.
-            self.log.event("restored", attempt=attempt, step=resumed, tier="disk",
+            tier = (self._restore_plan or {}).get("source", "disk")
+            self.log.event("restored", attempt=attempt, step=resumed,
+                           tier=tier if tier in ("memory", "flush") else "disk",
                            dir=str(self.spec.checkpoint_dir))
         self.group.start_training()
         self.state = JobState.RUNNING
         while True:
             metrics, results = self.group.poll()
+            if self.snapshots is not None:  # checkpoint seam: commit what every rank stored
+                self.snapshots.poll()
             for record in metrics:
                 self._on_metric(record)
             if results is not None:

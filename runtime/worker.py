@@ -23,7 +23,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from trainmem.checkpoint import DurableStore
+from trainmem.checkpoint import DurableStore, RankSnapshots
 from trainmem.checkpoint.state import flatten_training_state, restore_training_state
 
 from .config import JobSpec
@@ -123,6 +123,9 @@ class Worker:
         # Pipeline ranks own different parameters and optimizer state: each keeps its own store.
         root = spec.checkpoint_dir / f"rank-{self.rank}" if self.pipelined else spec.checkpoint_dir
         self.store = DurableStore(root, keep=spec.checkpoint.keep)
+        # checkpoint seam: in-memory snapshots (plan written by the controller before this attempt)
+        self.snapshots = (RankSnapshots.open(spec.checkpoint_dir, self.rank, self.world)
+                          if spec.checkpoint.snapshot_every else None)
         start = self._restore()  # checkpoint seam: restore
         self._enter("planning")
         self.engine = build_engine(spec, self.model, self.device, self._batch(start + 1))
@@ -138,6 +141,12 @@ class Worker:
     def _restore(self) -> int:
         # checkpoint seam: restore — the newest durable step every rank has (DDP replicas share
         # one store; pipeline ranks agree on the minimum, which every rank still keeps).
+        # With snapshots, the controller's plan names the tier: memory or flush are read here.
+        if self.snapshots is not None:
+            loaded = self.snapshots.load()
+            if loaded is not None:
+                self._restored = loaded
+                return loaded.step
         latest = torch.tensor([self.store.latest_step() or 0])
         dist.all_reduce(latest, op=dist.ReduceOp.MIN)
         step = int(latest.item())
@@ -198,6 +207,8 @@ class Worker:
         self._enter("optimizer")
         if spec.train.grad_clip > 0:
             self.engine.clip(spec.train.grad_clip)
+        if self.snapshots is not None:  # checkpoint seam: the last snapshot's copy must be done
+            self.snapshots.wait()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
@@ -205,6 +216,8 @@ class Worker:
     def _after_step(self, step: int) -> None:
         # checkpoint seam: after step — durable save every `every_steps` by rank 0, then a barrier
         # so no rank runs ahead of a checkpoint that is not yet on disk.
+        if self.snapshots is not None and self.snapshots.due(step):  # in-memory snapshot, async
+            self.snapshots.capture(step, self.model, self.optimizer, {"seed": self.spec.train.seed})
         every = self.spec.checkpoint.every_steps
         if every and step % every == 0:
             self._enter("checkpoint")

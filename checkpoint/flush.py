@@ -1,0 +1,211 @@
+"""The durable flush tier: every Nth complete in-memory snapshot, zstd-compressed on disk, lazily.
+
+Layout (one folder per flushed step, written under a temporary name, fsynced, then renamed)::
+
+    <dir>/snap-00000042/rank-00000.zst      raw snapshot bytes of rank 0, zstandard
+    <dir>/snap-00000042/manifest.json       {"format", "step", "world", "ranks": {r: {file, raw_bytes,
+                                             raw_xxh3, zst_bytes, zst_sha256, layout, meta}}}
+    <dir>/SNAPSHOT-LATEST                    "42", replaced only after the folder is durable
+
+Files are raw bytes + JSON; nothing is ever unpickled. Loading verifies both checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import xxhash
+import zstandard
+
+from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text
+from .layout import SnapshotLayout
+
+_FORMAT = "trainmem-snapshot-v1"
+_LATEST = "SNAPSHOT-LATEST"
+_CHUNK = 1 << 24
+
+
+@dataclass
+class FlushedRank:
+    layout: SnapshotLayout
+    meta: dict[str, Any]
+    buffer: np.ndarray
+
+
+@dataclass
+class FlushedSnapshot:
+    step: int
+    world: int
+    ranks: dict[int, FlushedRank]
+
+
+class FlushStore:
+    """Reads and writes flushed snapshots under ``root``; keeps the newest ``keep``."""
+
+    def __init__(self, root: str | Path, keep: int = 2, level: int = 1):
+        self.root, self.keep, self.level = Path(root), keep, level
+
+    def _dir(self, step: int) -> Path:
+        return self.root / f"snap-{step:08d}"
+
+    def write(self, step: int, ranks: dict[int, FlushedRank]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-snap-{step:08d}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        entries = {}
+        for rank, r in sorted(ranks.items()):
+            raw = memoryview(r.buffer.reshape(-1)[: r.layout.nbytes]).cast("B")
+            name = f"rank-{rank:05d}.zst"
+            sha = hashlib.sha256()
+            with open(tmp / name, "wb") as f:
+                writer = zstandard.ZstdCompressor(level=self.level).stream_writer(f, closefd=False)
+                for off in range(0, len(raw), _CHUNK):
+                    writer.write(raw[off : off + _CHUNK])
+                writer.flush(zstandard.FLUSH_FRAME)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(tmp / name, "rb") as f:
+                for chunk in iter(lambda: f.read(_CHUNK), b""):
+                    sha.update(chunk)
+            entries[str(rank)] = {
+                "file": name, "raw_bytes": len(raw), "raw_xxh3": xxhash.xxh3_128_hexdigest(raw),
+                "zst_bytes": (tmp / name).stat().st_size, "zst_sha256": sha.hexdigest(),
+                "layout": r.layout.to_json(), "meta": r.meta,
+            }
+        manifest = {"format": _FORMAT, "step": step, "world": len(ranks), "ranks": entries}
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, sort_keys=True))
+        _fsync_dir(tmp)
+        final = self._dir(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        atomic_write_text(self.root / _LATEST, str(step))
+        for old in self.steps()[: -self.keep]:
+            shutil.rmtree(self._dir(old), ignore_errors=True)
+        return final
+
+    def steps(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        return sorted(int(p.name[5:]) for p in self.root.glob("snap-*") if (p / "manifest.json").exists()
+                      and p.name[5:].isdigit())
+
+    def latest_step(self) -> int | None:
+        marker = self.root / _LATEST
+        if not marker.exists():
+            return None
+        text = marker.read_text().strip()
+        if not text.isdigit():
+            raise CheckpointCorrupt(f"{marker}: expected a step number, found {text[:40]!r}")
+        return int(text)
+
+    def load_manifest_world(self, step: int) -> int:
+        return int(json.loads((self._dir(step) / "manifest.json").read_text())["world"])
+
+    def load(self, step: int | None = None, ranks: list[int] | None = None) -> FlushedSnapshot | None:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        folder = self._dir(step)
+        path = folder / "manifest.json"
+        try:
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointCorrupt(f"{path}: missing") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointCorrupt(f"{path}: not valid JSON ({e})") from None
+        if manifest.get("format") != _FORMAT or manifest.get("step") != step:
+            raise CheckpointCorrupt(f"{path}: not a trainmem snapshot of step {step}")
+        out = {}
+        for key, e in manifest["ranks"].items():
+            if ranks is not None and int(key) not in ranks:
+                continue
+            out[int(key)] = self._load_rank(folder, e)
+        return FlushedSnapshot(step, manifest["world"], out)
+
+    def _load_rank(self, folder: Path, e: dict[str, Any]) -> FlushedRank:
+        file = folder / e["file"]
+        if not file.exists() or file.stat().st_size != e["zst_bytes"]:
+            raise CheckpointCorrupt(f"{file}: missing or truncated (expected {e['zst_bytes']} bytes)")
+        sha = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                sha.update(chunk)
+        if sha.hexdigest() != e["zst_sha256"]:
+            raise CheckpointCorrupt(f"{file}: sha256 mismatch (corrupted on disk)")
+        layout = SnapshotLayout.from_json(e["layout"])
+        buffer = np.zeros(layout.buffer_len, dtype=np.uint8)
+        with open(file, "rb") as f:
+            reader = zstandard.ZstdDecompressor().stream_reader(f)
+            view, off = memoryview(buffer), 0
+            while off < e["raw_bytes"]:
+                n = reader.readinto(view[off : e["raw_bytes"]])
+                if n == 0:
+                    raise CheckpointCorrupt(f"{file}: decompressed to {off} bytes, manifest says {e['raw_bytes']}")
+                off += n
+        if xxhash.xxh3_128_hexdigest(memoryview(buffer)[: e["raw_bytes"]]) != e["raw_xxh3"]:
+            raise CheckpointCorrupt(f"{file}: content checksum mismatch after decompression")
+        return FlushedRank(layout, e["meta"], buffer)
+
+
+class SnapshotFlusher:
+    """Flushes a complete snapshot every ``every_steps`` steps in a background thread; never blocks training.
+
+    ``fetch(step, rank) -> FlushedRank`` reads one rank's snapshot (from holders); ``pin(step, on)``
+    keeps holders from freeing a step while it is read. Commits may skip steps, so the newest
+    complete step is flushed once it crosses the next multiple of ``every_steps``; a flush still
+    running when the next is due makes that one wait for the next crossing (lazy: newest wins).
+    """
+
+    def __init__(self, store: FlushStore, every_steps: int, world: int,
+                 fetch: Callable[[int, int], FlushedRank], events: Callable[[dict], None] | None = None,
+                 pin: Callable[[int, bool], None] | None = None):
+        self.store, self.every_steps, self.world, self.fetch = store, every_steps, world, fetch
+        self._events = events or (lambda e: None)
+        self._pin = pin or (lambda step, on: None)
+        self._thread: threading.Thread | None = None
+        self._bucket = 0
+        self.flushed: list[int] = []
+        self.error: BaseException | None = None
+
+    def on_complete(self, step: int) -> bool:
+        """Call with each newly complete step; starts a flush when one is due. True if started."""
+        bucket = step // self.every_steps if self.every_steps > 0 else 0
+        if bucket <= self._bucket or (self._thread and self._thread.is_alive()):
+            return False
+        self._bucket = bucket
+        self._pin(step, True)  # before the thread starts: the next commit must not free it
+        self._thread = threading.Thread(target=self._run, args=(step,), name=f"snapshot-flush-{step}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _run(self, step: int) -> None:
+        try:
+            ranks = {r: self.fetch(step, r) for r in range(self.world)}
+            path = self.store.write(step, ranks)
+            self.flushed.append(step)
+            self._events({"event": "checkpoint.flushed", "step": step, "path": str(path)})
+        except BaseException as e:  # reported, and the next due flush tries again
+            self.error = e
+            self._events({"event": "checkpoint.flush_failed", "step": step, "error": f"{type(e).__name__}: {e}"})
+        finally:
+            try:
+                self._pin(step, False)
+            except Exception:  # holders gone: nothing left to release
+                pass
+
+    def wait(self, timeout_s: float = 300.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise TimeoutError(f"snapshot flush thread still running after {timeout_s:g}s")

@@ -1,0 +1,192 @@
+"""One embedded Ray node: the writer pipeline, a kill mid-snapshot (never torn), the benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import ray
+import torch
+
+from trainmem.checkpoint import SnapshotCoordinator, SnapshotError, SnapshotWriter, fetch_snapshot, start_holders, unpack
+from trainmem.checkpoint.bench import main as bench_main
+
+from ._toy import ToyTrainer, poll_prepared, state_at, wait_dead
+
+NUMEL = 3_000_000  # 12 MB + 6 MB per rank: the copy and the puts take long enough to be hit
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+def test_writer_reuses_prefaulted_buffers_and_commits_in_order(local_ray):
+    node = ray.get_runtime_context().get_node_id()
+    holders = start_holders([node] * 3, "writer", keep=2)
+    coord = SnapshotCoordinator(holders, world=1, k=2, m=1, keep=2)
+    writer = SnapshotWriter(rank=0, holders=holders, home=0, k=2, m=1, on_prepared=coord.on_prepared)
+    state = {name: t.clone() for name, t in state_at(0, 0, 10_000).items()}
+    ptrs = set()
+    for step in range(4):
+        writer.wait()  # before the "optimizer step" that mutates the state in place
+        for name, t in state_at(0, step, 10_000).items():
+            state[name].copy_(t)
+        writer.capture(step, state, {"step": step})
+        ptrs.update(slot.staging.data_ptr() for slot in writer._slots)
+    assert writer.flush() == 3 and coord.latest_complete() == 3
+    assert len(ptrs) == 2, "two staging slots, allocated once and reused"
+    inv = ray.get(holders.handles[0].inventory.remote())
+    assert inv["committed"] == [2, 3], "keep=2: older snapshots freed"
+    assert sorted({key.split("/")[0] for key in inv["fragments"]}) == ["2", "3"]
+    snap = fetch_snapshot(holders, 3, 0, home=0)
+    out = unpack(snap.buffer, snap.layout)
+    assert all(torch.equal(out[n], t) for n, t in state_at(0, 3, 10_000).items())
+    assert snap.meta["user"] == {"step": 3} and "torch" in snap.meta["rng"]
+    writer.close()
+    holders.close()
+
+
+def test_lost_holder_fails_the_snapshot_with_a_named_error(local_ray):
+    node = ray.get_runtime_context().get_node_id()
+    holders = start_holders([node] * 2, "lost", keep=2)
+    writer = SnapshotWriter(rank=3, holders=holders, home=0, k=1, m=1, put_timeout_s=10)
+    writer.capture(0, state_at(3, 0, 1000))
+    assert writer.flush() == 0
+    ray.kill(holders.handles[1])
+    writer.capture(1, state_at(3, 1, 1000))
+    with pytest.raises(SnapshotError, match=r"rank 3 step 1: holder on node \w+"):
+        writer.flush(timeout_s=20)
+    assert writer.prepared_step == 0, "a failed step is never reported stored"
+    with pytest.raises(SnapshotError):  # and it stays failed: nothing later is stored past it
+        writer.capture(2, state_at(3, 2, 1000))
+    writer.close()
+    holders.close()
+
+
+def test_replica_groups_commit_on_one_replica_and_restore_from_it(local_ray):
+    """DP replicas: rank 1 died before storing step 2; rank 0's identical snapshot completes it."""
+    node = ray.get_runtime_context().get_node_id()
+    holders = start_holders([node] * 2, "groups", keep=2)
+    coord = SnapshotCoordinator(holders, world=2, k=1, m=1, keep=2, groups=[[0, 1]])
+    writers = [SnapshotWriter(rank=r, holders=holders, home=r, k=1, m=1) for r in range(2)]
+    for step in range(3):
+        state = state_at(0, step, 5_000)  # replicas: the same state on both ranks
+        for w in writers[: 2 if step < 2 else 1]:
+            w.capture(step, state)
+            w.flush()
+    for r, w in enumerate(writers):
+        coord.on_prepared(r, w.prepared_step)
+    assert coord.latest_complete() == 2
+    plan = coord.plan_restore()
+    assert plan["step"] == 2 and plan["sources"] == {"0": 0, "1": 0}
+    snap = fetch_snapshot(holders, 2, int(plan["sources"]["1"]))
+    assert torch.equal(unpack(snap.buffer, snap.layout)["model.w"], state_at(0, 2, 5_000)["model.w"])
+    for w in writers:
+        w.close()
+    holders.close()
+
+
+@pytest.mark.slow
+def test_bench_quick_json(local_ray, capsys):
+    assert bench_main(["--quick", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("blocked_s", "overhead_ratio", "ec_gbps", "memcpy_gbps", "recover_trainer_s", "recover_node_s",
+                "lost_steps"):
+        assert key in result, key
+    assert set(result["blocked_s"]) >= {"ours", "torch_save", "dcp_async"}
+    assert result["lost_steps"] == 0 and result["node_loss_decoded"] is True
+
+
+@pytest.mark.slow
+def test_kill_mid_snapshot_never_yields_a_torn_restore(local_ray):
+    node = ray.get_runtime_context().get_node_id()
+    holders = start_holders([node] * 3, "torn", keep=2)
+    coord = SnapshotCoordinator(holders, world=2, k=2, m=1, keep=2)
+    trainers = {r: ToyTrainer.remote(r, holders, r, 2, 1, NUMEL) for r in range(2)}
+    rng = random.Random(1234)
+    start = 0
+    for attempt in range(2):  # kill, check, restart from the restored step, kill again
+        for t in trainers.values():
+            t.run.remote(start, 1000)
+        give_up = time.monotonic() + 90
+        while (coord.latest_complete() or -1) < start:  # the controller's health poll
+            assert time.monotonic() < give_up, "trainers committed nothing within 90 s"
+            poll_prepared(coord, trainers)
+            time.sleep(0.02)
+        deadline = time.monotonic() + rng.uniform(0.3, 1.5)
+        while time.monotonic() < deadline:
+            poll_prepared(coord, trainers)
+            time.sleep(0.02)
+        victim = trainers[1]
+        os.kill(ray.get(victim.pid.remote(), timeout=10), signal.SIGKILL)
+        wait_dead(victim)
+        poll_prepared(coord, {0: trainers[0]})
+        ahead = ray.get(trainers[0].prepared.remote(), timeout=10)
+        ray.kill(trainers[0])
+        step = coord.latest_complete()
+        assert step is not None and step >= start, f"attempt {attempt}: nothing committed"
+        assert coord.restorable_step()[0] == step
+        for r in range(2):
+            snap = fetch_snapshot(holders, step, r, home=r)
+            out = unpack(snap.buffer, snap.layout)
+            for name, t in state_at(r, step, NUMEL).items():
+                assert torch.equal(out[name], t), f"attempt {attempt}: rank {r} step {step} {name} torn"
+        # rank 0 may have stored steps past the commit point; they are never chosen
+        assert ahead is None or ahead >= step
+        coord.reset_to(step)
+        trainers = {r: ToyTrainer.remote(r, holders, r, 2, 1, NUMEL) for r in range(2)}
+        start = step + 1
+    holders.close()
+
+
+def _model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt
+
+
+def test_service_plans_memory_restore_and_reshards_dp_replicas(local_ray, tmp_path):
+    """SnapshotService + RankSnapshots without the runtime: 2 DP replicas snapshot, 3 ranks restore."""
+    from trainmem.checkpoint import CheckpointConfig, ECConfig, RankSnapshots, SnapshotService
+
+    cfg = CheckpointConfig(snapshot_every=1, ec=ECConfig(k=2, m=1), every_steps=0)
+    events: list[tuple[str, dict]] = []
+    service = SnapshotService(cfg, world=2, run_dir=tmp_path, checkpoint_dir=tmp_path / "ck",
+                              event=lambda name, **kw: events.append((name, kw)), replica_groups=[[0, 1]])
+    service.start()
+    assert service.prepare_attempt(0)["source"] == "none"
+    model, opt = _model_and_optimizer(0)
+    ranks = [RankSnapshots.open(tmp_path / "ck", r, 2) for r in range(2)]
+    for step in (1, 2, 3):
+        model(torch.randn(8, 16)).square().mean().backward()
+        for rs in ranks:
+            rs.wait()
+        opt.step()
+        opt.zero_grad()
+        for rs in ranks:
+            rs.capture(step, model, opt)
+    for rs in ranks:
+        rs.writer.flush()
+    assert service.poll() == 3
+    restore = service.prepare_attempt(1)
+    assert restore["source"] == "memory" and restore["step"] == 3
+    assert any(name == "checkpoint.restore_plan" for name, _ in events)
+    expect = {k: v.clone() for k, v in model.state_dict().items()}
+    for new_rank in range(3):  # the world grew to 3: rank 2 restores replica 0's snapshot
+        fresh, fresh_opt = _model_and_optimizer(1)
+        rs = RankSnapshots.open(tmp_path / "ck", new_rank, 3)
+        assert rs.restore(fresh, fresh_opt) == 3 and rs.tier == "memory"
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expect.items())
+        assert fresh_opt.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+        rs.close()
+    for rs in ranks:
+        rs.close()
+    service.shutdown()
