@@ -65,6 +65,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def read_step_marker(marker: Path) -> int | None:
+    """The step a LATEST-style marker file names; None if there is none yet."""
+    if not marker.exists():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointCorrupt(f"{marker}: expected a step number, found {text[:40]!r}")
+    return int(text)
+
+
 class DurableStore:
     def __init__(self, root: str | Path, keep: int = 2):
         self.root = Path(root)
@@ -118,13 +128,7 @@ class DurableStore:
 
     def latest_step(self) -> int | None:
         """The step named by LATEST, i.e. the newest checkpoint known durable."""
-        marker = self.root / _LATEST
-        if not marker.exists():
-            return None
-        text = marker.read_text().strip()
-        if not text.isdigit():
-            raise CheckpointCorrupt(f"{marker}: expected a step number, found {text[:40]!r}")
-        return int(text)
+        return read_step_marker(self.root / _LATEST)
 
     def load(self, step: int | None = None) -> LoadedCheckpoint | None:
         step = self.latest_step() if step is None else step

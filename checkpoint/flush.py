@@ -25,7 +25,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text
+from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text, read_step_marker
 from .layout import SnapshotLayout
 
 _FORMAT = "trainmem-snapshot-v1"
@@ -101,13 +101,7 @@ class FlushStore:
                       and p.name[5:].isdigit())
 
     def latest_step(self) -> int | None:
-        marker = self.root / _LATEST
-        if not marker.exists():
-            return None
-        text = marker.read_text().strip()
-        if not text.isdigit():
-            raise CheckpointCorrupt(f"{marker}: expected a step number, found {text[:40]!r}")
-        return int(text)
+        return read_step_marker(self.root / _LATEST)
 
     def load_manifest_world(self, step: int) -> int:
         return int(json.loads((self._dir(step) / "manifest.json").read_text())["world"])
