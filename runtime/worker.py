@@ -177,7 +177,7 @@ class Worker:
                 "time": time.time(),
             }
             if self.rank == 0:  # written here, not by the driver, so a crash loses no finished step's line
-                self.log.metric({k: v for k, v in record.items()})
+                self.log.metric(record)
             with self._lock:
                 self._pending_metrics.append(record)
                 self._step_done = step
