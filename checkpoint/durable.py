@@ -75,6 +75,19 @@ def read_step_marker(marker: Path) -> int | None:
     return int(text)
 
 
+def read_manifest(path: Path, fmt: str, step: int) -> dict[str, Any]:
+    """A step's JSON manifest, checked to be of format ``fmt`` and of ``step``; CheckpointCorrupt names the file."""
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointCorrupt(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != fmt or manifest.get("step") != step:
+        raise CheckpointCorrupt(f"{path}: not a {fmt} manifest of step {step}")
+    return manifest
+
+
 class DurableStore:
     def __init__(self, root: str | Path, keep: int = 2):
         self.root = Path(root)
@@ -135,15 +148,7 @@ class DurableStore:
         if step is None:
             return None
         folder = self._step_dir(step)
-        manifest_path = folder / _MANIFEST
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise CheckpointCorrupt(f"{manifest_path}: missing") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointCorrupt(f"{manifest_path}: not valid JSON ({e})") from None
-        if manifest.get("format") != "trainmem-durable-v1" or manifest.get("step") != step:
-            raise CheckpointCorrupt(f"{manifest_path}: not a trainmem checkpoint of step {step}")
+        manifest = read_manifest(folder / _MANIFEST, "trainmem-durable-v1", step)
         for name, info in manifest["files"].items():
             path = folder / name
             if not path.exists():

@@ -25,7 +25,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text, read_step_marker
+from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text, read_manifest, read_step_marker
 from .layout import SnapshotLayout
 
 _FORMAT = "trainmem-snapshot-v1"
@@ -111,15 +111,7 @@ class FlushStore:
         if step is None:
             return None
         folder = self._dir(step)
-        path = folder / "manifest.json"
-        try:
-            manifest = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointCorrupt(f"{path}: missing") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointCorrupt(f"{path}: not valid JSON ({e})") from None
-        if manifest.get("format") != _FORMAT or manifest.get("step") != step:
-            raise CheckpointCorrupt(f"{path}: not a trainmem snapshot of step {step}")
+        manifest = read_manifest(folder / "manifest.json", _FORMAT, step)
         out = {}
         for key, e in manifest["ranks"].items():
             if ranks is not None and int(key) not in ranks:
