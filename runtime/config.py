@@ -166,12 +166,12 @@ def load_spec(path: str | Path | None, overrides: dict[str, dict[str, Any]] | No
             raise ConfigError(source, section, "must be a table", f"write [{section}]")
         table[section].update(values)
     spec = build_dataclass(JobSpec, table, source, "")
-    _check_environment(spec, source, base=Path(path).parent if path is not None else Path("."))
-    _resolve_paths(spec, job_name=Path(path).stem if path is not None else "job")
+    check_environment(spec, source, base=Path(path).parent if path is not None else Path("."))
+    resolve_paths(spec, job_name=Path(path).stem if path is not None else "job")
     return spec
 
 
-def _resolve_paths(spec: JobSpec, job_name: str) -> None:
+def resolve_paths(spec: JobSpec, job_name: str) -> None:
     """Absolute paths: Ray workers do not share the driver's working directory."""
     if not spec.train.run_dir:
         spec.train.run_dir = f"runs/{job_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -181,7 +181,7 @@ def _resolve_paths(spec: JobSpec, job_name: str) -> None:
     spec.data.cache_dir = str(Path(spec.data.cache_dir).expanduser().resolve())
 
 
-def _check_environment(spec: JobSpec, source: str, base: Path) -> None:
+def check_environment(spec: JobSpec, source: str, base: Path) -> None:
     """Checks that need the machine: CPUs for an embedded cluster, readable data files."""
     if not spec.cluster.address:
         cpus = os.cpu_count() or 1

@@ -2,10 +2,11 @@
 
     STARTING ──▶ RUNNING ──▶ FINISHED
         ▲           │ failure (died | hung | error)
-        └─ RESTARTING ◀┘        └─ restarts exhausted ─▶ FAILED
+        └─ RESTARTING ◀┘        └─ the failure policy says stop ─▶ FAILED
 
 It owns the run log (metrics.jsonl, events.jsonl) and the Ray connection; the worker group owns
-the ranks; the restart policy decides whether to go again.
+the ranks; the failure policy decides whether to go again; the checkpoint package lists where a
+restart may restore from, and the ranks walk those candidates until they all read one.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any, Callable
 
 import ray
 
-from trainmem.checkpoint import SnapshotService
+from trainmem.checkpoint import Candidate, SnapshotService, disk_candidates, ordered
 
 from .config import JobSpec
-from .failure import InjectedFailure, RestartPolicy
+from .failure import FailurePolicy, InjectedFailure
 from .runlog import RunLog, read_jsonl
+from .worker import rank_log_path
 from .worker_group import GroupFailure, WorkerGroup, connect_ray
 
 
@@ -72,13 +74,12 @@ class Controller:
         self.on_progress = on_progress or (lambda record: None)
         self.t0 = time.time() if t0 is None else t0
         self.log = RunLog(spec.run_dir)
-        self.policy = RestartPolicy(spec.cluster.max_restarts)
+        self.policy = FailurePolicy(spec.cluster.max_restarts)
         self.state = JobState.STARTING
         self.group: WorkerGroup | None = None
         self._last_metric: dict[str, Any] | None = None
         self._failures: list[dict[str, Any]] = []
         self.snapshots: SnapshotService | None = None
-        self._restore_plan: dict[str, Any] | None = None
 
     # ---- the state machine --------------------------------------------------------------
     def run(self) -> JobResult:
@@ -86,7 +87,7 @@ class Controller:
         self.log.event("job_started", workers=self.spec.cluster.workers, steps=self.spec.train.steps,
                        ray_address=self.spec.cluster.address or "embedded")
         try:
-            self._start_snapshots()  # checkpoint seam: holders start before any trainer
+            self._start_snapshots()  # holders start before any trainer
             results = self._run_attempts()
         finally:
             if self.snapshots is not None:
@@ -117,27 +118,47 @@ class Controller:
                 self._on_failure(failure, attempt)
                 attempt += 1
 
+    def _restore_plan(self, attempt: int) -> dict[str, Any]:
+        """Every tier's candidates, newest first; memory only when holders outlived the old ranks."""
+        candidates: list[Candidate] = []
+        if self.snapshots is not None:
+            self.snapshots.settle()
+            if attempt > 0:
+                candidates += self.snapshots.memory_candidates()
+        candidates += disk_candidates(self.spec.checkpoint_dir, self.spec.cluster.workers)
+        return {"candidates": [c.to_json() for c in ordered(candidates)],
+                "snapshots": self.snapshots.rank_plan() if self.snapshots is not None else None}
+
     def _run_one(self, attempt: int) -> list[dict[str, Any]]:
         self.state = JobState.STARTING
-        if self.snapshots is not None:  # checkpoint seam: decide the restore tier, write the plan
-            self._restore_plan = self.snapshots.prepare_attempt(attempt)
+        plan = self._restore_plan(attempt)
         self.group = WorkerGroup(self.spec, attempt, self.inject)
         t_start = time.time()
-        resumed = self.group.start()
-        self.log.event("workers_started", attempt=attempt, resume_after_step=resumed,
+        restored = self.group.start(plan)
+        self._log_restore(attempt, restored)
+        step = restored[0]["step"]
+        if step is None:
+            raise GroupFailure("restore", list(range(self.spec.cluster.workers)),
+                               "no checkpoint could be read by every rank: " + "; ".join(
+                                   f"{r['tier']} step {r['step']} (rank {r['rank']}: {r['reason']})"
+                                   for res in restored for r in res["rejected"] if "another rank" not in r["reason"]))
+        if self.snapshots is not None:
+            self.snapshots.rollback(step or None)  # later (torn) snapshots go; the redo stores them again
+        self.log.event("workers_started", attempt=attempt, resume_after_step=step,
                        start_s=round(time.time() - t_start, 3), pids=self.group.pids())
-        if resumed:
-            # checkpoint seam: restore — which tier served the state is named here.
-            tier = (self._restore_plan or {}).get("source", "disk")
-            self.log.event("restored", attempt=attempt, step=resumed,
-                           tier=tier if tier in ("memory", "flush") else "disk",
+        if step:
+            self.log.event("restored", attempt=attempt, step=step, tier=restored[0]["tier"],
                            dir=str(self.spec.checkpoint_dir))
         self.group.start_training()
         self.state = JobState.RUNNING
         while True:
-            metrics, results = self.group.poll()
-            if self.snapshots is not None:  # checkpoint seam: commit what every rank stored
+            metrics, events, results = self.group.poll()
+            for e in events:
+                self.log.event(e.pop("event"), **e)
+            if self.snapshots is not None:
                 self.snapshots.poll()
+                if self.snapshots.changed:
+                    self.group.broadcast("update_snapshot_plan", self.snapshots.rank_plan())
             for record in metrics:
                 self._on_metric(record)
             if results is not None:
@@ -146,29 +167,36 @@ class Controller:
                 return results
             time.sleep(self.spec.cluster.health_poll_s)
 
+    def _log_restore(self, attempt: int, restored: list[dict[str, Any]]) -> None:
+        """One checkpoint_rejected per candidate a rank could not read (with that rank's reason)."""
+        for res in restored:
+            for r in res["rejected"]:
+                if "another rank" in r["reason"]:
+                    continue  # the rank that failed to read it reports the reason
+                self.log.event("checkpoint_rejected", attempt=attempt, tier=r["tier"], step=r["step"], rank=r["rank"],
+                               reason=r["reason"])
+
     def _on_failure(self, failure: GroupFailure, attempt: int) -> None:
         detected = time.time()
         injected = [e for e in self.log.events() if e["event"] == "failure_injected"]
+        logs = {r: str(rank_log_path(self.spec.run_dir, r)) for r in failure.ranks}
         record = self.log.event(
             "failure_detected", attempt=attempt, kind=failure.kind, ranks=failure.ranks,
-            step=failure.step or self._last_logged_step(), cause=failure.cause,
+            step=failure.step or self._last_logged_step(), cause=failure.cause, logs=logs,
+            **({"traceback": {str(r): t for r, t in failure.details.items()}} if failure.details else {}),
             **({"since_injection_s": round(detected - injected[-1]["time"], 3)} if injected and attempt == 0 else {}),
         )
+        record.pop("traceback", None)
         self._failures.append(record)
         if self.group is not None:
             self.group.shutdown()
             self.group = None
-        repeated = failure.kind == "error" and len(self._failures) > 1 and all(
-            f["kind"] == "error" and f["cause"] == record["cause"] and f["step"] == record["step"]
-            for f in self._failures[-2:]
-        )
-        if failure.kind == "start" or repeated or not self.policy.should_restart():
+        decision = self.policy.decide(self._failures)
+        if decision.action == "stop":
             self.state = JobState.FAILED
-            why = ("cannot start" if failure.kind == "start" else
-                   "the same error at the same step after a restart: not transient" if repeated else
-                   f"{self.policy.restarts} restarts used")
-            self.log.event("job_failed", cause=str(failure), reason=why)
-            raise JobFailed(f"job stopped ({why}): {failure}; see {self.log.events_path}")
+            self.log.event("job_failed", cause=str(failure), reason=decision.reason)
+            where = ", ".join(logs.values()) if failure.kind not in ("start", "restore") else str(self.log.events_path)
+            raise JobFailed(f"job stopped ({decision.reason}): {failure} (see {where})")
         self.state = JobState.RESTARTING
         n = self.policy.record_restart()
         self.log.event("restart", attempt=attempt + 1, restarts=n, max_restarts=self.policy.max_restarts)
@@ -176,7 +204,7 @@ class Controller:
     def _on_metric(self, record: dict[str, Any]) -> None:
         if record["rank"] != 0:
             return  # the loss is already the global mean; rank 0's record stands for the step
-        if self._last_metric is not None and self._last_metric.get("attempt") != record["attempt"]:
+        if record["attempt"] > 0 and (self._last_metric is None or self._last_metric["attempt"] != record["attempt"]):
             self.log.event("resumed", attempt=record["attempt"], step=record["step"])
         self._last_metric = record
         self.on_progress(record)

@@ -7,6 +7,7 @@ It knows how to start, poll and tear down ranks; it does not decide what to do a
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -17,16 +18,23 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+import trainmem
+
 from .config import ClusterConfig, JobSpec
 from .failure import InjectedFailure
 from .worker import Worker
 
 
 class GroupFailure(RuntimeError):
-    """A rank died, hung, raised, or the group could not start. ``kind``: died|hung|error|start."""
+    """A rank died, hung, raised, or the group could not start. ``kind``: died|hung|error|start.
 
-    def __init__(self, kind: str, ranks: list[int], cause: str, step: int | None = None):
+    ``details``: {rank: full remote traceback or stack dump}, for events.jsonl and the rank logs.
+    """
+
+    def __init__(self, kind: str, ranks: list[int], cause: str, step: int | None = None,
+                 details: dict[int, str] | None = None):
         self.kind, self.ranks, self.cause, self.step = kind, ranks, cause, step
+        self.details = details or {}
         super().__init__(f"{kind} on rank(s) {ranks}: {cause}")
 
 
@@ -41,6 +49,7 @@ def connect_ray(cfg: ClusterConfig) -> bool:
     common = dict(namespace="trainmem", log_to_driver=False, logging_level="ERROR", configure_logging=True)
     if cfg.address:
         _probe_address(cfg.address)
+        _require_cluster_mode(cfg.address)
         try:
             ray.init(address=cfg.address, **common)
         except (ConnectionError, RuntimeError) as e:
@@ -53,11 +62,31 @@ def connect_ray(cfg: ClusterConfig) -> bool:
             )
             raise ClusterUnavailable(f"cannot join Ray at cluster.address={cfg.address!r}: {fix}") from None
     else:
-        # Keeps every embedded node on 127.0.0.1 rather than the machine's interface address.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        _require_loopback()
         need = int(cfg.workers * cfg.cpus_per_worker + 0.999)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, **common)
     return True
+
+
+def _require_loopback() -> None:
+    """An embedded cluster must listen on 127.0.0.1 only; Ray decides that when it is imported."""
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise ClusterUnavailable(
+            "an embedded Ray cluster would listen on this machine's network address: Ray was imported with "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER set to enable clusters (fix: unset it, or import trainmem before ray)")
+
+
+def _require_cluster_mode(address: str) -> None:
+    """Joining a cluster on another address needs Ray's cluster mode, which is chosen at import."""
+    from ray._private import ray_constants
+
+    if not ray_constants.ENABLE_RAY_CLUSTER and not trainmem.is_loopback_address(address):
+        raise ClusterUnavailable(
+            f"cluster.address={address!r} is another machine, but Ray was imported in loopback-only mode "
+            "(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, trainmem's default) (fix: export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 "
+            "before starting Python, or use `trainmem launch`, which sets it for jobs with an address)")
 
 
 def _probe_address(address: str, timeout_s: float = 5.0) -> None:
@@ -95,8 +124,8 @@ class WorkerGroup:
         self.health = [RankHealth() for _ in range(self.world)]
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def start(self) -> int:
-        """Place ranks, form the process group, restore state. Returns the step resumed after."""
+    def start(self, restore: dict[str, Any]) -> list[dict[str, Any]]:
+        """Place ranks, form the process group, restore state; every rank's restore result."""
         c = self.spec.cluster
         bundle = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
         self.pg = placement_group([dict(bundle) for _ in range(self.world)], strategy=c.placement)
@@ -120,14 +149,20 @@ class WorkerGroup:
             ).remote(self.spec, rank, self.world, self.attempt, self.inject)
             for rank in range(self.world)
         ]
-        addr, port = self._get(self.actors[0].reserve_master_address.remote(), [0], "rendezvous address")
-        steps = self._get_all([a.setup.remote(addr, port) for a in self.actors], "process group + restore")
-        if len(set(steps)) != 1:
-            raise GroupFailure("error", list(range(self.world)), f"ranks restored different steps {steps}")
+        addr, port = self._get(self.actors[0].reserve_rendezvous.remote(), [0], "rendezvous address")
+        results = self._get_all([a.setup.remote(addr, port, restore) for a in self.actors], "process group + restore")
+        steps = {r["step"] for r in results}
+        if len(steps) != 1:
+            raise GroupFailure("error", list(range(self.world)), f"ranks restored different steps {sorted(steps)}")
         now = time.monotonic()
         for h in self.health:
-            h.step, h.last_advance = steps[0], now
-        return steps[0]
+            h.step, h.last_advance = results[0]["step"] or 0, now
+        return results
+
+    def broadcast(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every rank without waiting (it must be safe to call while train() runs)."""
+        for a in self.actors:
+            getattr(a, method).remote(*args)
 
     def start_training(self) -> None:
         self.train_refs = [a.train.remote() for a in self.actors]
@@ -150,8 +185,8 @@ class WorkerGroup:
         self.actors, self.pg, self.train_refs = [], None, []
 
     # ---- health -------------------------------------------------------------------------
-    def poll(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-        """One health round: (new metric records from all ranks, final results if all finished).
+    def poll(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """One health round: (new metric records, new events, final results if all finished).
 
         Raises GroupFailure for a dead rank, a rank whose train() raised, or ranks with no
         progress for ``hang_timeout_s``.
@@ -163,6 +198,7 @@ class WorkerGroup:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         ready_set = set(ready)
         metrics: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
         now = time.monotonic()
         for rank, ref in enumerate(refs):
             if ref not in ready_set:
@@ -176,11 +212,12 @@ class WorkerGroup:
                 h.step, h.last_advance = report["step"], now
             h.phase, h.phase_s = report["phase"], report["phase_s"]
             metrics.extend(dict(m, rank=rank) for m in report["metrics"])
+            events.extend(dict(e, rank=rank) for e in report["events"])
         self._check_hang(now)
         done, _ = ray.wait(self.train_refs, num_returns=len(self.train_refs), timeout=0)
         if len(done) == len(self.train_refs):
-            return metrics, self._get_all(self.train_refs, "final results")
-        return metrics, None
+            return metrics, events, self._get_all(self.train_refs, "final results")
+        return metrics, events, None
 
     def _any_train_ref_failed(self) -> bool:
         done, _ = ray.wait(self.train_refs, num_returns=len(self.train_refs), timeout=0)
@@ -207,18 +244,19 @@ class WorkerGroup:
             ranks = sorted(dead)
             return GroupFailure("died", ranks, dead[ranks[0]], min(self.health[r].step for r in ranks))
         errors: dict[int, str] = {}
+        details: dict[int, str] = {}
         for rank, ref in enumerate(self.train_refs):
             done, _ = ray.wait([ref], timeout=0)
             if done:
                 try:
                     ray.get(ref)
                 except RayTaskError as e:
-                    errors[rank] = _first_line(e.cause or e)
+                    errors[rank], details[rank] = _cause_line(e), _plain(e)
                 except RayError as e:
-                    errors[rank] = _first_line(e)
+                    errors[rank], details[rank] = _first_line(e), _plain(e)
         ranks = sorted(errors) or list(range(self.world))
         cause = errors.get(ranks[0], "a rank failed without a recorded cause")
-        return GroupFailure("error", ranks, cause, min(self.health[r].step for r in ranks))
+        return GroupFailure("error", ranks, cause, min(self.health[r].step for r in ranks), details)
 
     def _check_hang(self, now: float) -> None:
         limit = self.spec.cluster.hang_timeout_s
@@ -229,7 +267,19 @@ class WorkerGroup:
                 for r in stalled
             )
             raise GroupFailure("hung", stalled, f"no step finished for > {limit:g}s: {detail}", min(
-                self.health[r].step for r in stalled))
+                self.health[r].step for r in stalled), self._stacks(stalled))
+
+    def _stacks(self, ranks: list[int]) -> dict[int, str]:
+        """Python stacks of every thread of ``ranks`` (also written to their logs), where they answer."""
+        refs = {r: self.actors[r].dump_stacks.remote() for r in ranks}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=5.0)
+        out = {}
+        for r, ref in refs.items():
+            try:
+                out[r] = ray.get(ref) if ref in ready else "(did not answer within 5s)"
+            except RayError as e:
+                out[r] = f"(could not dump stacks: {_first_line(e)})"
+        return out
 
     # ---- waiting with names -------------------------------------------------------------
     def _get(self, ref: Any, ranks: list[int], what: str) -> Any:
@@ -249,8 +299,20 @@ class WorkerGroup:
             except RayActorError as e:
                 raise GroupFailure("died", [ranks[i]], f"during {what}: {_first_line(e)}") from None
             except RayTaskError as e:
-                raise GroupFailure("error", [ranks[i]], f"during {what}: {_first_line(e.cause or e)}") from None
+                raise GroupFailure("error", [ranks[i]], f"during {what}: {_cause_line(e)}", details={ranks[i]: _plain(e)}) from None
         return out
+
+
+def _plain(exc: BaseException) -> str:
+    """The remote traceback Ray attached, without terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+
+
+def _cause_line(e: RayTaskError) -> str:
+    """``Type: message`` of the exception a remote call raised (its first line, bounded)."""
+    cause = e.cause if e.cause is not None else e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:500]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -75,7 +75,13 @@ def test_a_deterministic_error_stops_after_one_restart(ray_cluster, tmp_path):
     pq.write_table(pa.table({"tokens": [[300] * 500]}), tmp_path / "ids.parquet")
     spec = _spec(tmp_path / "bad", data={"source": "files", "paths": [str(tmp_path / "ids.parquet")],
                                          "cache_dir": str(tmp_path / "cache")})
-    with pytest.raises(JobFailed, match="not transient"):
+    with pytest.raises(JobFailed, match=r"not transient.*see .*logs/rank-\d\.log"):
         Controller(spec).run()
     failures = [e for e in read_jsonl(spec.run_dir / "events.jsonl") if e["event"] == "failure_detected"]
     assert len(failures) == 2 and "model.vocab_size" in failures[0]["cause"]
+    # The whole remote traceback is in events.jsonl, and in every failed rank's own log file.
+    for rank, text in failures[0]["traceback"].items():
+        assert 'in _setup' in text and "raise ValueError" in text and "vocab_size" in text and "\x1b[" not in text
+        log = failures[0]["logs"][rank]
+        assert log.endswith(f"logs/rank-{rank}.log")
+        assert "Traceback (most recent call last)" in open(log).read() and "vocab_size" in open(log).read()
