@@ -1,9 +1,11 @@
 """Run one rank's part of a pipeline schedule over torch.distributed point-to-point.
 
 Each rank holds the stage modules the schedule's placement gives it and runs its action list in
-order. Sends are ``isend`` (waited at the end of the step), receives ``irecv`` waited with a
-timeout; every wait that runs out raises ``PipelineError`` naming rank, action and peer. The first
-message of each (kind, stage, microbatch) carries a small shape header; later steps reuse the shape.
+order. Point-to-point operations are posted in the order ``comm_plan`` gives (the same order on
+both ranks of every pair, as NCCL needs): a SEND posts an ``isend``, a RECV posts an ``irecv``
+that the consuming compute waits for; every wait has a timeout and a ``PipelineError`` naming
+rank, action and peer. The first message of each (kind, stage, microbatch) carries a small shape
+header, received where the RECV is posted; later steps reuse the shape.
 
 B/W split (``split_backward.py``): B computes only the input gradient and keeps the gradients at
 the graph's parameter boundary; W computes only the weight gradients from there and frees the
@@ -20,16 +22,28 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .ir import Action, Kind, Schedule, add_comms, has_comms
+from .comms import Post, add_comms, comm_plan, has_comms
+from .ir import Action, DeadlockError, Kind, Schedule
 from .split_backward import SplitBackward
 from .stash import HostPool, Ledger, Stash
-from .validate import validate
+from .validate import ScheduleError, validate
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32]
 
 
 class PipelineError(RuntimeError):
     """A pipeline action failed or timed out; the message names rank, action and peer."""
+
+
+def executable(schedule: Schedule) -> Schedule:
+    """``schedule`` as the executor runs it: sends and receives placed by ``add_comms`` unless it
+    has its own, then validated (ScheduleError if it cannot run)."""
+    if not has_comms(schedule):
+        try:
+            schedule = add_comms(schedule)
+        except DeadlockError as exc:
+            raise ScheduleError(str(exc)) from None
+    return validate(schedule)
 
 
 @dataclass
@@ -55,14 +69,13 @@ class PipelineExecutor:
     def __init__(self, schedule: Schedule, rank: int, stages: dict[int, nn.Module],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                  group: dist.ProcessGroup | None = None, timeout_s: float = 60.0) -> None:
-        if not has_comms(schedule):
-            schedule = add_comms(schedule)
-        validate(schedule)
+        schedule = executable(schedule)
         if sorted(stages) != sorted(schedule.placement[rank]):
             raise ValueError(f"stages={sorted(stages)} but schedule places stages {schedule.placement[rank]} on rank {rank}")
         self.schedule, self.rank, self.stages, self.loss_fn = schedule, rank, stages, loss_fn
         self.group, self.timeout = group, _dt.timedelta(seconds=timeout_s)
         self.actions = schedule.ranks[rank]
+        self._posts: dict[int, Post] = {post.index: post for post in comm_plan(schedule)[rank]}
         self.last = schedule.n_stages - 1
         self.ledger = Ledger()
         self.pool = HostPool()
@@ -77,11 +90,11 @@ class PipelineExecutor:
         if len(microbatches) != self.schedule.m:
             raise ValueError(f"microbatches has {len(microbatches)} entries but the schedule has m={self.schedule.m}")
         self.ledger.peak = self.ledger.bytes
-        st = self._state = {"x": {}, "root": {}, "gout": {}, "gin": {}, "stash": {}, "sends": [],
+        st = self._state = {"x": {}, "root": {}, "gout": {}, "gin": {}, "stash": {}, "sends": [], "inbox": {},
                             "loss": 0.0, "live": 0.0, "peak_mb": 0.0, "stage_bytes": {}, "split": {}}
         for i, a in enumerate(self.actions):
             try:
-                self._run(a, microbatches)
+                self._run(i, a, microbatches)
             except PipelineError:
                 raise
             except Exception as exc:
@@ -95,7 +108,7 @@ class PipelineExecutor:
         return StepStats(loss=loss, peak_bytes=self.ledger.peak, peak_mb=st["peak_mb"], stage_bytes=dict(st["stage_bytes"]))
 
     # ---- actions ------------------------------------------------------------------------------
-    def _run(self, a: Action, mbs) -> None:
+    def _run(self, i: int, a: Action, mbs) -> None:
         k = a.kind
         if k is Kind.F:
             self._forward(a, mbs)
@@ -106,14 +119,11 @@ class PipelineExecutor:
         elif k is Kind.W:
             self._backward(a, weights=True, inputs=False)
         elif k is Kind.SEND_F:
-            self._send(a, self._state["root"][(a.stage, a.mb)].detach(), a.stage + 1)
+            self._send(a, self._posts[i], self._state["root"][(a.stage, a.mb)].detach())
         elif k is Kind.SEND_B:
-            self._send(a, self._state["gin"].pop((a.stage, a.mb)), a.stage - 1)
-        elif k is Kind.RECV_F:
-            x = self._recv(a, a.stage - 1)
-            self._state["x"][(a.stage, a.mb)] = x.requires_grad_(x.is_floating_point())
-        elif k is Kind.RECV_B:
-            self._state["gout"][(a.stage, a.mb)] = self._recv(a, a.stage + 1)
+            self._send(a, self._posts[i], self._state["gin"].pop((a.stage, a.mb)))
+        elif k in (Kind.RECV_F, Kind.RECV_B):
+            self._post_recv(a, self._posts[i])
         elif k is Kind.OFFLOAD:
             self._state["stash"][(a.stage, a.mb)].offload(self.pool)
             self._state["live"] -= 1.0 / self.schedule.v
@@ -131,11 +141,12 @@ class PipelineExecutor:
         key = (a.stage, a.mb)
         if a.stage == 0:
             x = mbs[a.mb][0]
-        else:
-            x = st["x"].get(key)
-            if x is None:  # previous stage ran on this rank: hand off locally
-                x = st["root"][(a.stage - 1, a.mb)].detach().requires_grad_(True)
-                st["x"][key] = x
+        elif self.schedule.rank_of(a.stage - 1) != self.rank:
+            x = self._take(Kind.RECV_F, a.stage, a.mb)
+            st["x"][key] = x.requires_grad_(x.is_floating_point())
+        else:  # previous stage ran on this rank: hand off locally
+            x = st["root"][(a.stage - 1, a.mb)].detach().requires_grad_(True)
+            st["x"][key] = x
         stash = Stash(self.ledger, f"{a.stage}:{a.mb}")
         st["stash"][key] = stash
 
@@ -186,7 +197,10 @@ class PipelineExecutor:
             st[d].pop(key, None)
 
     def _grad_out(self, a: Action) -> torch.Tensor:
-        g = self._state["gout"].get((a.stage, a.mb))
+        gout, key = self._state["gout"], (a.stage, a.mb)
+        if key not in gout and self.schedule.rank_of(a.stage + 1) != self.rank:
+            gout[key] = self._take(Kind.RECV_B, a.stage, a.mb)  # kept for W after a split B
+        g = gout.get(key)
         if g is None:
             raise PipelineError(f"rank {self.rank} action {a}: no output gradient for stage {a.stage} microbatch {a.mb}")
         return g
@@ -198,44 +212,52 @@ class PipelineExecutor:
             self._state["gin"][(a.stage, a.mb)] = gx
 
     # ---- communication ------------------------------------------------------------------------
-    def _peer(self, stage: int) -> int:
-        r = self.schedule.rank_of(stage)
-        return dist.get_global_rank(self.group, r) if self.group is not None else r
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
-    def _tag(self, kind: Kind, stage: int, mb: int, header: bool) -> int:
-        code = 0 if kind in (Kind.SEND_F, Kind.RECV_F) else 1
-        s = stage if kind in (Kind.SEND_F, Kind.SEND_B) else (stage - 1 if kind is Kind.RECV_F else stage + 1)
-        return (((code * self.schedule.n_stages + s) * self.schedule.m + mb) * 2) + int(header)
+    def _tag(self, post: Post, header: bool) -> int:
+        msg = post.message
+        code = 0 if msg.data is Kind.F else 1
+        return (((code * self.schedule.n_stages + msg.src) * self.schedule.m + msg.mb) * 2) + int(header)
 
-    def _send(self, a: Action, t: torch.Tensor, to_stage: int) -> None:
+    def _send(self, a: Action, post: Post, t: torch.Tensor) -> None:
         t = t.contiguous()
-        peer = self._peer(to_stage)
+        peer = self._global(post.peer)
         key = (a.kind, a.stage, a.mb)
         known = self._shapes.get(key)
         if known is None:
             header = torch.zeros(8, dtype=torch.int64, device=t.device)  # nccl sends device tensors only
             header[0], header[1] = _DTYPES.index(t.dtype), t.dim()
             header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-            self._state["sends"].append((dist.isend(header, peer, group=self.group, tag=self._tag(a.kind, a.stage, a.mb, True)), f"{a} header to rank {peer}"))
+            self._state["sends"].append((dist.isend(header, peer, group=self.group, tag=self._tag(post, True)), f"{a} header to rank {peer}"))
             self._state.setdefault("keep", []).append(header)
             self._shapes[key] = (t.shape, t.dtype)
         elif known != (t.shape, t.dtype):
             raise PipelineError(f"rank {self.rank} action {a}: tensor changed from {known} to {(t.shape, t.dtype)} between steps; build a new PipelineExecutor")
         self._state.setdefault("keep", []).append(t)
-        self._state["sends"].append((dist.isend(t, peer, group=self.group, tag=self._tag(a.kind, a.stage, a.mb, False)), f"{a} to rank {peer}"))
+        self._state["sends"].append((dist.isend(t, peer, group=self.group, tag=self._tag(post, False)), f"{a} to rank {peer}"))
 
-    def _recv(self, a: Action, from_stage: int) -> torch.Tensor:
-        peer = self._peer(from_stage)
+    def _post_recv(self, a: Action, post: Post) -> None:
+        """Post the receive now (the pair's agreed order); ``_take`` waits for it at the consumer."""
+        peer = self._global(post.peer)
         key = (a.kind, a.stage, a.mb)
         device = next(iter(self.stages[a.stage].parameters())).device
         if key not in self._shapes:
             header = torch.zeros(8, dtype=torch.int64, device=device)
-            self._wait(dist.irecv(header, peer, group=self.group, tag=self._tag(a.kind, a.stage, a.mb, True)), f"{a} header from rank {peer}")
+            self._wait(dist.irecv(header, peer, group=self.group, tag=self._tag(post, True)), f"{a} header from rank {peer}")
             nd = int(header[1])
             self._shapes[key] = (torch.Size(header[2:2 + nd].tolist()), _DTYPES[int(header[0])])
         shape, dtype = self._shapes[key]
         buf = torch.empty(shape, dtype=dtype, device=device)
-        self._wait(dist.irecv(buf, peer, group=self.group, tag=self._tag(a.kind, a.stage, a.mb, False)), f"{a} from rank {peer}")
+        work = dist.irecv(buf, peer, group=self.group, tag=self._tag(post, False))
+        self._state["inbox"][key] = (work, buf, f"{a} from rank {peer}")
+
+    def _take(self, kind: Kind, stage: int, mb: int) -> torch.Tensor:
+        posted = self._state["inbox"].pop((kind, stage, mb), None)
+        if posted is None:
+            raise PipelineError(f"rank {self.rank}: nothing received for {stage}{kind.value}{mb} (the schedule lacks that RECV)")
+        work, buf, what = posted
+        self._wait(work, what)
         return buf
 
     def _wait(self, work, what: str) -> None:
@@ -247,7 +269,7 @@ class PipelineExecutor:
             raise PipelineError(f"rank {self.rank} action {what}: did not complete within {self.timeout.total_seconds():g}s")
 
     def _broadcast_loss(self, local: float) -> float:
-        src = self._peer(self.last)
+        src = self._global(self.schedule.rank_of(self.last))
         device = next(iter(next(iter(self.stages.values())).parameters())).device
         t = torch.tensor([local], dtype=torch.float64, device=device)
         self._wait(dist.broadcast(t, src=src, group=self.group, async_op=True), f"loss broadcast from rank {src}")

@@ -6,8 +6,8 @@ V-Half and V-Min come from building blocks (``blocks.py``).
 
 from __future__ import annotations
 
-from .ir import Action, Kind, Schedule, loop_placement, v_placement
-from .simulate import Costs, DeadlockError
+from .ir import Action, DeadlockError, Kind, Schedule, loop_placement, v_placement
+from .simulate import Costs
 
 
 def _sched(name: str, p: int, m: int, placement: list[list[int]], ranks: list[list[tuple[Kind, int, int]]]) -> Schedule:

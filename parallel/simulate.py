@@ -2,7 +2,8 @@
 
 Times: ``Costs`` gives the cost of F, B, W for *all* of a rank's layers; a stage holding a fraction
 ``1/v`` of them costs that fraction (so schedules with different v compare fairly). BW = B + W.
-Sends are non-blocking; a RECV blocks its rank until the matching SEND's data arrives (send time
+Sends are non-blocking; a RECV posts the receive (it cannot pass the matching SEND, which is what
+makes a cycle a deadlock) and the compute that consumes it waits until the data arrives (send time
 + ``comm``). OFFLOAD/RELOAD run on a per-rank copy engine beside compute.
 
 Memory (in M_B = one microbatch's activations of one rank's layers): F allocates its stage's share
@@ -18,11 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ir import Action, Kind, Schedule, add_comms, has_comms
-
-
-class DeadlockError(RuntimeError):
-    """No rank can make progress although actions remain."""
+from .comms import add_comms, has_comms
+from .ir import BACKWARD, Action, DeadlockError, Kind, Schedule
 
 
 @dataclass(kw_only=True)
@@ -111,6 +109,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
     t_compute = [0.0] * p
     t_copy = [0.0] * p
     sent: dict[tuple[Kind, int, int], float] = {}
+    arrives: dict[tuple[Kind, int, int], float] = {}  # posted RECV -> when its data is there
     reload_done: dict[tuple[int, int], float] = {}
     timeline: list[list[Slot]] = [[] for _ in range(p)]
     events: list[list[tuple[float, int, float]]] = [[] for _ in range(p)]  # (time, order, delta)
@@ -126,7 +125,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
                            a.stage - 1 if a.kind is Kind.RECV_F else a.stage + 1, a.mb)
                     if key not in sent:
                         break
-                    t_compute[r] = max(t_compute[r], sent[key] + costs.comm)
+                    arrives[(a.kind, a.stage, a.mb)] = sent[key] + costs.comm
                 elif a.kind in (Kind.SEND_F, Kind.SEND_B):
                     sent[(a.kind, a.stage, a.mb)] = t_compute[r]
                 elif a.kind in (Kind.OFFLOAD, Kind.RELOAD):
@@ -140,7 +139,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
                         events[r].append((start, 1, mem_share[a.stage]))
                         reload_done[(a.stage, a.mb)] = end
                 else:
-                    start = max(t_compute[r], reload_done.pop((a.stage, a.mb), 0.0))
+                    start = max(t_compute[r], reload_done.pop((a.stage, a.mb), 0.0), _input_arrival(arrives, a))
                     end = start + costs.of(a.kind) * share[a.stage]
                     t_compute[r] = end
                     timeline[r].append(Slot(start, end, a))
@@ -158,6 +157,14 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
             ]
             raise DeadlockError("deadlock: " + "; ".join(stuck))
     return _summarize(timeline, events)
+
+
+def _input_arrival(arrives: dict, a: Action) -> float:
+    if a.kind is Kind.F:
+        return arrives.pop((Kind.RECV_F, a.stage, a.mb), 0.0)
+    if a.kind in BACKWARD:
+        return arrives.pop((Kind.RECV_B, a.stage, a.mb), 0.0)
+    return 0.0
 
 
 def _summarize(timeline: list[list[Slot]], events: list[list[tuple[float, int, float]]]) -> SimResult:
