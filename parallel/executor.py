@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.autograd.graph import get_gradient_edge
 
 from .comms import Post, add_comms, comm_plan, has_comms
 from .ir import Action, DeadlockError, Kind, Schedule
 from .split_backward import SplitBackward
 from .stash import HostPool, Ledger, Stash
+from .transfers import Transfers
 from .validate import ScheduleError, validate
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32]
@@ -56,6 +58,27 @@ class StepStats:
     """Peak live stashes on this rank in M_B (each stage's stash counts 1/v)."""
     stage_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes one microbatch's stash takes, per stage of this rank (as measured at its first F)."""
+    peak_transfer_bytes: int = 0
+    """Peak bytes between stages (outputs and gradients awaiting hand-over, sends in flight,
+    posted receives not yet consumed): memory beside the saved activations."""
+
+
+@dataclass
+class _Step:
+    """What one step holds per (stage, microbatch) between its actions."""
+
+    inputs: dict = field(default_factory=dict)
+    """Stage input x (requires grad where the input gradient is wanted), until the backward."""
+    roots: dict = field(default_factory=dict)
+    """What backward starts from: the scaled loss on the last stage, else the output's gradient
+    edge (the output tensor itself goes to the next stage and need not stay)."""
+    stashes: dict = field(default_factory=dict)
+    splits: dict = field(default_factory=dict)
+    """SplitBackward between a B and its W."""
+    loss: float = 0.0
+    live: float = 0.0
+    peak_mb: float = 0.0
+    stage_bytes: dict = field(default_factory=dict)
 
 
 class PipelineExecutor:
@@ -81,7 +104,8 @@ class PipelineExecutor:
         self.pool = HostPool()
         self._shapes: dict[tuple[Kind, int, int], tuple[torch.Size, torch.dtype]] = {}
         self._param_ptrs = {p.untyped_storage().data_ptr() for mod in stages.values() for p in mod.parameters()}
-        self._state: dict = {}
+        self._st = _Step()
+        self._io = Transfers(self._wait)
 
     # ---- public -------------------------------------------------------------------------------
     def step(self, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
@@ -90,8 +114,8 @@ class PipelineExecutor:
         if len(microbatches) != self.schedule.m:
             raise ValueError(f"microbatches has {len(microbatches)} entries but the schedule has m={self.schedule.m}")
         self.ledger.peak = self.ledger.bytes
-        st = self._state = {"x": {}, "root": {}, "gout": {}, "gin": {}, "stash": {}, "sends": [], "inbox": {},
-                            "loss": 0.0, "live": 0.0, "peak_mb": 0.0, "stage_bytes": {}, "split": {}}
+        st = self._st = _Step()
+        io = self._io = Transfers(self._wait)
         for i, a in enumerate(self.actions):
             try:
                 self._run(i, a, microbatches)
@@ -99,13 +123,14 @@ class PipelineExecutor:
                 raise
             except Exception as exc:
                 raise PipelineError(f"rank {self.rank} action #{i} {a}: {type(exc).__name__}: {exc}") from exc
-        for work, what in st["sends"]:
-            self._wait(work, what)
-        leftover = [s.name for s in st["stash"].values() if s.tensors or s.offloaded]
+            io.reap()
+        io.drain()
+        leftover = [s.name for s in st.stashes.values() if s.tensors or s.offloaded] + io.leftover()
         if leftover:
-            raise PipelineError(f"rank {self.rank}: stashes {leftover} still held after the step (schedule lacks their W/BW)")
-        loss = self._broadcast_loss(st["loss"] / self.schedule.m)
-        return StepStats(loss=loss, peak_bytes=self.ledger.peak, peak_mb=st["peak_mb"], stage_bytes=dict(st["stage_bytes"]))
+            raise PipelineError(f"rank {self.rank}: {leftover} still held after the step (the schedule lacks their W/BW, send or consumer)")
+        loss = self._broadcast_loss(st.loss / self.schedule.m)
+        return StepStats(loss=loss, peak_bytes=self.ledger.peak, peak_mb=st.peak_mb, stage_bytes=dict(st.stage_bytes),
+                         peak_transfer_bytes=io.peak_bytes)
 
     # ---- actions ------------------------------------------------------------------------------
     def _run(self, i: int, a: Action, mbs) -> None:
@@ -119,36 +144,41 @@ class PipelineExecutor:
         elif k is Kind.W:
             self._backward(a, weights=True, inputs=False)
         elif k is Kind.SEND_F:
-            self._send(a, self._posts[i], self._state["root"][(a.stage, a.mb)].detach())
+            self._send(a, self._posts[i], self._io.hand_over(("out", a.stage, a.mb)).detach())
         elif k is Kind.SEND_B:
-            self._send(a, self._posts[i], self._state["gin"].pop((a.stage, a.mb)))
+            self._send(a, self._posts[i], self._io.hand_over(("grad", a.stage - 1, a.mb)))
         elif k in (Kind.RECV_F, Kind.RECV_B):
             self._post_recv(a, self._posts[i])
         elif k is Kind.OFFLOAD:
-            self._state["stash"][(a.stage, a.mb)].offload(self.pool)
-            self._state["live"] -= 1.0 / self.schedule.v
+            self._st.stashes[(a.stage, a.mb)].offload(self.pool)
+            self._st.live -= 1.0 / self.schedule.v
         elif k is Kind.RELOAD:
-            self._state["stash"][(a.stage, a.mb)].reload(self.pool)
+            self._st.stashes[(a.stage, a.mb)].reload(self.pool)
             self._bump(1.0 / self.schedule.v)
 
     def _bump(self, delta: float) -> None:
-        st = self._state
-        st["live"] += delta
-        st["peak_mb"] = max(st["peak_mb"], st["live"])
+        st = self._st
+        st.live += delta
+        st.peak_mb = max(st.peak_mb, st.live)
+
+    def _remote(self, stage: int) -> bool:
+        return self.schedule.rank_of(stage) != self.rank
 
     def _forward(self, a: Action, mbs) -> None:
-        st = self._state
+        st = self._st
         key = (a.stage, a.mb)
         if a.stage == 0:
             x = mbs[a.mb][0]
-        elif self.schedule.rank_of(a.stage - 1) != self.rank:
-            x = self._take(Kind.RECV_F, a.stage, a.mb)
-            st["x"][key] = x.requires_grad_(x.is_floating_point())
-        else:  # previous stage ran on this rank: hand off locally
-            x = st["root"][(a.stage - 1, a.mb)].detach().requires_grad_(True)
-            st["x"][key] = x
+        else:
+            if self._remote(a.stage - 1):
+                x = self._io.take((Kind.RECV_F, a.stage, a.mb))
+                if x is None:
+                    raise PipelineError(f"rank {self.rank} action {a}: its input {a.stage}RECV_F{a.mb} was never posted")
+            else:  # previous stage ran on this rank: hand off locally
+                x = self._io.hand_over(("out", a.stage - 1, a.mb)).detach()
+            st.inputs[key] = x = x.requires_grad_(x.is_floating_point())
         stash = Stash(self.ledger, f"{a.stage}:{a.mb}")
-        st["stash"][key] = stash
+        st.stashes[key] = stash
 
         def pack(t: torch.Tensor):
             if t.untyped_storage().data_ptr() in self._param_ptrs:
@@ -163,53 +193,57 @@ class PipelineExecutor:
             out = self.stages[a.stage](x)
             if a.stage == self.last:
                 loss = self.loss_fn(out, mbs[a.mb][1])
-                st["loss"] += float(loss.detach())
+                st.loss += float(loss.detach())
                 out = loss / self.schedule.m
-        st["root"][key] = out
-        st["stage_bytes"].setdefault(a.stage, stash.bytes())
+        if a.stage == self.last or out.grad_fn is None:
+            st.roots[key] = out
+        else:
+            st.roots[key] = get_gradient_edge(out)
+        if a.stage != self.last:
+            self._io.hold(("out", a.stage, a.mb), out)
+        st.stage_bytes.setdefault(a.stage, stash.bytes())
         self._bump(1.0 / self.schedule.v)
 
     def _backward(self, a: Action, *, weights: bool, inputs: bool) -> None:
-        st = self._state
+        st = self._st
         key = (a.stage, a.mb)
-        root = st["root"][key]
-        grad = None if a.stage == self.last else self._grad_out(a)
-        x = st["x"].get(key)
+        x = st.inputs.get(key)
         params = [p for p in self.stages[a.stage].parameters() if p.requires_grad]
         want_input = inputs and a.stage > 0 and x is not None
         if not weights:  # B: input grad only; W still needs the graph
             if want_input:
-                split = SplitBackward(root, x, params)
-                self._give_input_grad(a, split.input_grad(grad))
-                st["split"][key] = split
+                split = SplitBackward(st.roots[key], x, params)
+                self._give_input_grad(a, split.input_grad(self._grad_out(a)))
+                st.splits[key] = split
             return
-        split = st["split"].pop(key, None)
+        split = st.splits.pop(key, None)
         if split is not None:  # W after a split B: only the parameter side of the graph
-            split.weight_grad(grad)
+            split.weight_grad()
         else:  # BW, or W of the first stage (its B had no input to differentiate)
             targets = params + ([x] if want_input else [])
-            torch.autograd.backward(root, grad, inputs=targets)
+            torch.autograd.backward(st.roots[key], self._grad_out(a), inputs=targets)
             if want_input:
                 self._give_input_grad(a, x.grad)
-        st["stash"][key].release(self.pool)
-        self._state["live"] -= 1.0 / self.schedule.v
-        for d in ("root", "x", "gout"):
-            st[d].pop(key, None)
+        st.stashes[key].release(self.pool)
+        st.live -= 1.0 / self.schedule.v
+        st.roots.pop(key)
+        st.inputs.pop(key, None)
 
-    def _grad_out(self, a: Action) -> torch.Tensor:
-        gout, key = self._state["gout"], (a.stage, a.mb)
-        if key not in gout and self.schedule.rank_of(a.stage + 1) != self.rank:
-            gout[key] = self._take(Kind.RECV_B, a.stage, a.mb)  # kept for W after a split B
-        g = gout.get(key)
+    def _grad_out(self, a: Action) -> torch.Tensor | None:
+        """The gradient of this stage's output (None on the last stage, whose root is the loss)."""
+        if a.stage == self.last:
+            return None
+        if self._remote(a.stage + 1):
+            g = self._io.take((Kind.RECV_B, a.stage, a.mb))
+        else:
+            g = self._io.hand_over(("grad", a.stage, a.mb)) if self._io.holds(("grad", a.stage, a.mb)) else None
         if g is None:
             raise PipelineError(f"rank {self.rank} action {a}: no output gradient for stage {a.stage} microbatch {a.mb}")
         return g
 
     def _give_input_grad(self, a: Action, gx: torch.Tensor) -> None:
-        if self.schedule.rank_of(a.stage - 1) == self.rank:
-            self._state["gout"][(a.stage - 1, a.mb)] = gx
-        else:
-            self._state["gin"][(a.stage, a.mb)] = gx
+        """Hold the input gradient for stage a.stage-1: its SEND_B or its backward on this rank."""
+        self._io.hold(("grad", a.stage - 1, a.mb), gx)
 
     # ---- communication ------------------------------------------------------------------------
     def _global(self, rank: int) -> int:
@@ -229,16 +263,14 @@ class PipelineExecutor:
             header = torch.zeros(8, dtype=torch.int64, device=t.device)  # nccl sends device tensors only
             header[0], header[1] = _DTYPES.index(t.dtype), t.dim()
             header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-            self._state["sends"].append((dist.isend(header, peer, group=self.group, tag=self._tag(post, True)), f"{a} header to rank {peer}"))
-            self._state.setdefault("keep", []).append(header)
+            self._io.sent(peer, dist.isend(header, peer, group=self.group, tag=self._tag(post, True)), header, f"{a} header to rank {peer}")
             self._shapes[key] = (t.shape, t.dtype)
         elif known != (t.shape, t.dtype):
             raise PipelineError(f"rank {self.rank} action {a}: tensor changed from {known} to {(t.shape, t.dtype)} between steps; build a new PipelineExecutor")
-        self._state.setdefault("keep", []).append(t)
-        self._state["sends"].append((dist.isend(t, peer, group=self.group, tag=self._tag(post, False)), f"{a} to rank {peer}"))
+        self._io.sent(peer, dist.isend(t, peer, group=self.group, tag=self._tag(post, False)), t, f"{a} to rank {peer}")
 
     def _post_recv(self, a: Action, post: Post) -> None:
-        """Post the receive now (the pair's agreed order); ``_take`` waits for it at the consumer."""
+        """Post the receive now (the pair's agreed order); the consumer waits for it (``Transfers.take``)."""
         peer = self._global(post.peer)
         key = (a.kind, a.stage, a.mb)
         device = next(iter(self.stages[a.stage].parameters())).device
@@ -250,15 +282,7 @@ class PipelineExecutor:
         shape, dtype = self._shapes[key]
         buf = torch.empty(shape, dtype=dtype, device=device)
         work = dist.irecv(buf, peer, group=self.group, tag=self._tag(post, False))
-        self._state["inbox"][key] = (work, buf, f"{a} from rank {peer}")
-
-    def _take(self, kind: Kind, stage: int, mb: int) -> torch.Tensor:
-        posted = self._state["inbox"].pop((kind, stage, mb), None)
-        if posted is None:
-            raise PipelineError(f"rank {self.rank}: nothing received for {stage}{kind.value}{mb} (the schedule lacks that RECV)")
-        work, buf, what = posted
-        self._wait(work, what)
-        return buf
+        self._io.posted(key, peer, work, buf, f"{a} from rank {peer}")
 
     def _wait(self, work, what: str) -> None:
         try:

@@ -1,5 +1,6 @@
 """The executor on CPU with gloo at 2 and 4 processes: gradients equal the unpipelined model's,
-and each rank's measured peak saved-activation memory equals the simulator's prediction."""
+each rank's measured peak saved-activation memory equals the simulator's prediction, and sent
+buffers are let go when their send completes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,35 @@ def _stage_bytes(mod, x, y, last: bool, m: int, lm_loss, SavedBytesMeter) -> int
     return held
 
 
+class _SentBytes:
+    """Bytes of the tensors handed to ``dist.isend`` that are still alive, tracked by weakref
+    finalizers on their storages (what the executor really keeps of its sends, independent of
+    its own counters). ``peak_msgs`` is sampled at every send, in units of the largest message."""
+
+    def __init__(self, dist) -> None:
+        self.live: dict[int, int] = {}
+        self.peak = self.biggest = 0
+        real = dist.isend
+
+        def isend(tensor, dst, group=None, tag=0):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.live:
+                self.live[storage.data_ptr()] = storage.nbytes()
+                weakref.finalize(storage, self.live.pop, storage.data_ptr(), None)
+            self.biggest = max(self.biggest, storage.nbytes())
+            self.peak = max(self.peak, sum(self.live.values()))
+            return real(tensor, dst, group=group, tag=tag)
+
+        dist.isend = isend
+
+    def start(self) -> None:
+        self.peak = self.biggest = 0
+
+    @property
+    def peak_msgs(self) -> float:
+        return self.peak / self.biggest if self.biggest else 0.0
+
+
 def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
@@ -38,6 +69,7 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=p, timeout=dt.timedelta(seconds=60))
+    sent = _SentBytes(dist)
     n_layer, m, seq = 2 * p, 2 * p, 8
     cfg = ModelConfig(size="tiny", n_layer=n_layer, seq_len=seq, d_model=32, n_head=2)
     gen = torch.Generator().manual_seed(1)
@@ -51,6 +83,7 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
     for name, offload in cases:
         model = build(cfg, seed=0).double()
         sched = make_schedule(name, p, m)
+        sent.start()
         if offload:
             sched = with_offload(sched, min_gap=1, prefetch=0)
         layout = stage_layout(name, p, n_layer)
@@ -71,8 +104,23 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
             "sim_mb": order_peak(sched)[rank], "sim_bytes": order_peak(sched, weights)[rank],
             "exec_stage_bytes": {str(k): v for k, v in stats.stage_bytes.items()},
             "meter_stage_bytes": {str(k): v for k, v in weights.items()},
-            "host_pool": ex.pool.allocated_bytes,
+            "host_pool": ex.pool.allocated_bytes, "sent_peak_msgs": sent.peak_msgs,
+            "transfer_bytes": stats.peak_transfer_bytes,
         }
+    if p == 2:  # many microbatches: sent buffers must not pile up over the step
+        long = [(torch.randint(0, 256, (2, seq), generator=gen), torch.randint(0, 256, (2, seq), generator=gen))
+                for _ in range(4 * m)]
+        for name in ("1f1b", "zb-v"):
+            layout = stage_layout(name, p, n_layer)
+            counts = {s: k for row in layout for s, k in row}
+            stages = split_into_stages(build(cfg, seed=0).double(), [counts[s] for s in sorted(counts)])
+            ex = PipelineExecutor(make_schedule(name, p, 4 * m), rank, {s: stages[s] for s, _ in layout[rank]},
+                                  lm_loss, timeout_s=60)
+            ex.step(long)  # the first step also sends the shape headers
+            sent.start()
+            stats = ex.step(long)
+            results[f"long-{name}"] = {"sent_peak_msgs": sent.peak_msgs, "transfer_bytes": stats.peak_transfer_bytes,
+                                       "message_bytes": sent.biggest}
     if p == 2:  # a peer that never sends: the wait times out and names rank, action and peer
         sched = make_schedule("1f1b", 2, 2)
         model = build(cfg, seed=0).double()
@@ -131,6 +179,11 @@ def test_executor_matches_unpipelined_and_simulator(p, tmp_path):
                 assert got["peak_bytes"] == got["sim_bytes"] and got["peak_mb"] == pytest.approx(got["sim_mb"])
         assert ranks[0]["1f1b+offload"]["peak_mb"] < ranks[0]["1f1b"]["peak_mb"]
         assert ranks[0]["1f1b+offload"]["host_pool"] > 0
+        for r, res in enumerate(ranks):  # 16 resp. 32 sends per rank in a step; few are held at once
+            for name in ("1f1b", "zb-v"):
+                long = res[f"long-{name}"]
+                assert 1 <= long["sent_peak_msgs"] <= 3, f"{name} rank {r}: {long['sent_peak_msgs']} sent buffers alive at once"
+                assert long["message_bytes"] <= long["transfer_bytes"] <= 6 * long["message_bytes"], f"{name} rank {r}"
         err = ranks[0]["timeout"]["error"]
         assert err and "rank 0" in err and "RECV_B" in err and "from rank 1" in err
         assert ranks[0]["timeout"]["after_s"] < 30
