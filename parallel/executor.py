@@ -55,7 +55,9 @@ class StepStats:
     peak_bytes: int
     """Peak device-resident saved-activation bytes on this rank during the step."""
     peak_mb: float
-    """Peak live stashes on this rank in M_B (each stage's stash counts 1/v)."""
+    """Peak saved-activation memory in M_B, measured from the bytes held: the sum over this rank's
+    stages of (bytes its stashes hold / one microbatch's stash bytes of that stage), over v;
+    sampled after every F and RELOAD (only they add bytes)."""
     stage_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes one microbatch's stash takes, per stage of this rank (as measured at its first F)."""
     peak_transfer_bytes: int = 0
@@ -76,9 +78,10 @@ class _Step:
     splits: dict = field(default_factory=dict)
     """SplitBackward between a B and its W."""
     loss: float = 0.0
-    live: float = 0.0
     peak_mb: float = 0.0
     stage_bytes: dict = field(default_factory=dict)
+    caller_ptrs: set = field(default_factory=set)
+    """Storages of the step's inputs and targets: the caller's, not activations of the step."""
 
 
 class PipelineExecutor:
@@ -115,6 +118,7 @@ class PipelineExecutor:
             raise ValueError(f"microbatches has {len(microbatches)} entries but the schedule has m={self.schedule.m}")
         self.ledger.peak = self.ledger.bytes
         st = self._st = _Step()
+        st.caller_ptrs = {t.untyped_storage().data_ptr() for mb in microbatches for t in mb}
         io = self._io = Transfers(self._wait)
         for i, a in enumerate(self.actions):
             try:
@@ -151,15 +155,15 @@ class PipelineExecutor:
             self._post_recv(a, self._posts[i])
         elif k is Kind.OFFLOAD:
             self._st.stashes[(a.stage, a.mb)].offload(self.pool)
-            self._st.live -= 1.0 / self.schedule.v
         elif k is Kind.RELOAD:
             self._st.stashes[(a.stage, a.mb)].reload(self.pool)
-            self._bump(1.0 / self.schedule.v)
+            self._sample_mb()
 
-    def _bump(self, delta: float) -> None:
+    def _sample_mb(self) -> None:
+        """Bytes each stage's stashes hold now, in units of one microbatch's stash of that stage."""
         st = self._st
-        st.live += delta
-        st.peak_mb = max(st.peak_mb, st.live)
+        held = sum(self.ledger.by_owner.get(s, 0) / unit for s, unit in st.stage_bytes.items() if unit)
+        st.peak_mb = max(st.peak_mb, held / self.schedule.v)
 
     def _remote(self, stage: int) -> bool:
         return self.schedule.rank_of(stage) != self.rank
@@ -177,12 +181,13 @@ class PipelineExecutor:
             else:  # previous stage ran on this rank: hand off locally
                 x = self._io.hand_over(("out", a.stage - 1, a.mb)).detach()
             st.inputs[key] = x = x.requires_grad_(x.is_floating_point())
-        stash = Stash(self.ledger, f"{a.stage}:{a.mb}")
+        stash = Stash(self.ledger, f"{a.stage}:{a.mb}", owner=a.stage)
         st.stashes[key] = stash
 
         def pack(t: torch.Tensor):
-            if t.untyped_storage().data_ptr() in self._param_ptrs:
-                return (None, t)  # parameters are not activations
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in self._param_ptrs or ptr in st.caller_ptrs:
+                return (None, t)  # parameters and the caller's inputs are not activations
             return (stash, stash.add(t))
 
         def unpack(h):
@@ -202,7 +207,7 @@ class PipelineExecutor:
         if a.stage != self.last:
             self._io.hold(("out", a.stage, a.mb), out)
         st.stage_bytes.setdefault(a.stage, stash.bytes())
-        self._bump(1.0 / self.schedule.v)
+        self._sample_mb()
 
     def _backward(self, a: Action, *, weights: bool, inputs: bool) -> None:
         st = self._st
@@ -225,7 +230,6 @@ class PipelineExecutor:
             if want_input:
                 self._give_input_grad(a, x.grad)
         st.stashes[key].release(self.pool)
-        st.live -= 1.0 / self.schedule.v
         st.roots.pop(key)
         st.inputs.pop(key, None)
 
