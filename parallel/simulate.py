@@ -17,6 +17,7 @@ e.g. 1F1B (p-1)/(m+p-1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .comms import add_comms, has_comms
@@ -57,6 +58,21 @@ class Costs:
         return {Kind.F: self.f, Kind.B: self.b, Kind.W: self.w, Kind.BW: self.b + self.w}[kind]
 
 
+@dataclass(frozen=True, kw_only=True)
+class StageCost:
+    """Measured times of one stage for one microbatch (seconds), replacing Costs' shares."""
+
+    f: float
+    b: float
+    w: float
+    saved_bytes: int = 0
+    copy: float = 0.0
+    """Time to copy the stage's stash to host (and the same to reload)."""
+
+    def of(self, kind: Kind) -> float:
+        return {Kind.F: self.f, Kind.B: self.b, Kind.W: self.w, Kind.BW: self.b + self.w}[kind]
+
+
 @dataclass
 class Slot:
     start: float
@@ -91,8 +107,10 @@ def _blocked_message(schedule: Schedule, rank: int, idx: int, a: Action) -> str:
     )
 
 
-def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[int, float] | None = None) -> SimResult:
-    """Run ``schedule`` in simulated time. ``mem_weights[stage]`` overrides a stage's memory share.
+def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[int, float] | None = None,
+             stage_costs: Sequence[StageCost] | None = None) -> SimResult:
+    """Run ``schedule`` in simulated time. ``mem_weights[stage]`` overrides a stage's memory share;
+    ``stage_costs[stage]`` gives measured per-stage times (then ``costs`` supplies only ``comm``).
 
     Raises DeadlockError naming each stuck rank, its action and what it waits for.
     """
@@ -104,6 +122,17 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
     mem_share = dict(share)
     if mem_weights:
         mem_share.update(mem_weights)
+    if stage_costs is not None and len(stage_costs) != schedule.n_stages:
+        raise ValueError(f"stage_costs has {len(stage_costs)} entries for a schedule of {schedule.n_stages} stages")
+
+    def duration(a: Action) -> float:
+        if stage_costs is not None:
+            return stage_costs[a.stage].of(a.kind)
+        return costs.of(a.kind) * share[a.stage]
+
+    def copy_time(a: Action) -> float:
+        return stage_costs[a.stage].copy if stage_costs is not None else costs.offload * share[a.stage]
+
     p = schedule.p
     ptr = [0] * p
     t_compute = [0.0] * p
@@ -130,7 +159,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
                     sent[(a.kind, a.stage, a.mb)] = t_compute[r]
                 elif a.kind in (Kind.OFFLOAD, Kind.RELOAD):
                     start = max(t_copy[r], t_compute[r])
-                    end = start + costs.offload * share[a.stage]
+                    end = start + copy_time(a)
                     t_copy[r] = end
                     timeline[r].append(Slot(start, end, a, "copy"))
                     if a.kind is Kind.OFFLOAD:
@@ -140,7 +169,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
                         reload_done[(a.stage, a.mb)] = end
                 else:
                     start = max(t_compute[r], reload_done.pop((a.stage, a.mb), 0.0), _input_arrival(arrives, a))
-                    end = start + costs.of(a.kind) * share[a.stage]
+                    end = start + duration(a)
                     t_compute[r] = end
                     timeline[r].append(Slot(start, end, a))
                     if a.kind is Kind.F:
@@ -205,4 +234,4 @@ def order_peak(schedule: Schedule, mem_weights: dict[int, float] | None = None) 
     return peaks
 
 
-__all__ = ["Costs", "SimResult", "Slot", "DeadlockError", "simulate", "order_peak"]
+__all__ = ["Costs", "SimResult", "Slot", "StageCost", "DeadlockError", "simulate", "order_peak"]
