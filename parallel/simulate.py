@@ -24,6 +24,10 @@ from .comms import add_comms, has_comms
 from .ir import BACKWARD, Action, DeadlockError, Kind, Schedule
 
 
+def _pass_time(kind: Kind, f: float, b: float, w: float) -> float:
+    return {Kind.F: f, Kind.B: b, Kind.W: w, Kind.BW: b + w}[kind]
+
+
 @dataclass(kw_only=True)
 class Costs:
     f: float = 1.0
@@ -55,7 +59,7 @@ class Costs:
         return Costs(**dict(zip(names, vals)))
 
     def of(self, kind: Kind) -> float:
-        return {Kind.F: self.f, Kind.B: self.b, Kind.W: self.w, Kind.BW: self.b + self.w}[kind]
+        return _pass_time(kind, self.f, self.b, self.w)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +74,7 @@ class StageCost:
     """Time to copy the stage's stash to host (and the same to reload)."""
 
     def of(self, kind: Kind) -> float:
-        return {Kind.F: self.f, Kind.B: self.b, Kind.W: self.w, Kind.BW: self.b + self.w}[kind]
+        return _pass_time(kind, self.f, self.b, self.w)
 
 
 @dataclass
