@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
             return fail(f"trainmem launch: cluster.address={spec.cluster.address!r} is another machine, which needs "
                         "Ray's cluster mode, but RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set (fix: unset it or set it to 1)")
     from trainmem.runtime.controller import Controller, JobFailed
-    from trainmem.runtime.worker_group import ClusterUnavailable
+    from trainmem.runtime.cluster import ClusterUnavailable
 
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.run_dir / SPEC_FILE, json.dumps(dataclasses.asdict(spec), indent=1))
@@ -116,8 +116,9 @@ def main(argv: list[str]) -> int:
         def on_progress(record: dict) -> None:
             progress.update(task, completed=record["step"], loss=record["loss"], tps=record["tokens_per_s"])
 
+        controller = Controller(spec, inject=inject, on_progress=on_progress, t0=t0, handle_sigterm=True)
         try:
-            result = Controller(spec, inject=inject, on_progress=on_progress, t0=t0).run()
+            result = controller.run()
         except (JobFailed, ClusterUnavailable) as e:
             progress.stop()
             print(f"trainmem launch: {e}", file=sys.stderr)
@@ -128,6 +129,12 @@ def main(argv: list[str]) -> int:
             print(f"trainmem launch: internal error: {type(e).__name__}: {first_line(e)} (traceback in {log})",
                   file=sys.stderr)
             return 1
+    if result.state == "preempted":
+        saved = (f"saved step {result.preempted_step}" if result.preempted_step is not None
+                 else "could not save in time (the newest checkpoint stands)")
+        print(f"trainmem launch: preempted (SIGTERM): {saved}; continue with "
+              f"trainmem launch --resume {spec.run_dir}", file=sys.stderr)
+        return 143
     summary = {
         "steps": result.steps,
         "final_loss": result.final_loss,

@@ -40,8 +40,11 @@ class DurableCheckpoints:
         pass
 
     def after_optimizer_step(self, step: int, engine: Engine) -> None:
-        if not self.every or step % self.every:
-            return
+        if self.every and step % self.every == 0:
+            self.save_now(step, engine)
+
+    def save_now(self, step: int, engine: Engine) -> None:
+        """Collective: the savers write ``step``; every rank waits until it is durable."""
         if self.saves:
             tensors, meta = engine.state_for_checkpoint()
             self.store.save(step, tensors, {"state": meta, "world": self.world, "seed": self.seed})

@@ -40,6 +40,8 @@ class Engine(Protocol):
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
     def load_checkpoint(self, read: StateReader, saved_world: int) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+    def on_new_group(self) -> None:
+        """The process group was formed again (a lost peer was replaced): drop per-group state."""
 
 
 def clip_by_total_norm(params: list[torch.nn.Parameter], max_norm: float, *, reduce: bool) -> None:
@@ -89,6 +91,7 @@ class _ModelOptimizerState:
 
     def _load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         restore_training_state(self.model, self.optimizer, tensors, meta)
+        self.optimizer.zero_grad(set_to_none=True)  # a rank that rejoins may hold half a step's gradients
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -105,6 +108,9 @@ class DataParallelEngine(_ModelOptimizerState):
         self.reducer = BucketedAllReduce(params, sparse=sparse_grad_parameters(model), timeout_s=timeout_s)
         self.optimizer = build_optimizer(model, params, train_cfg)
         self.last_stats: dict[str, Any] = {}
+
+    def on_new_group(self) -> None:
+        self.reducer.abandon()  # collectives of the old group that never completed
 
     @property
     def data_rank_world(self) -> tuple[int, int]:
@@ -143,9 +149,17 @@ class PipelineEngine(_ModelOptimizerState):
             for s, _ in owned:
                 for p in stages[s].parameters():
                     self.owner_of[id(p)] = r
-        self.executor = PipelineExecutor(build_schedule(cfg), rank, self.owned, lm_loss, timeout_s=cfg.timeout_s)
+        self.executor = self._executor()
         self.optimizer = build_optimizer(model, self._mine(), train_cfg)
         self.last_stats: dict[str, Any] = {}
+
+    def _executor(self) -> PipelineExecutor:
+        return PipelineExecutor(build_schedule(self.cfg), dist.get_rank(), self.owned, lm_loss,
+                                timeout_s=self.cfg.timeout_s)
+
+    def on_new_group(self) -> None:
+        """Posted sends/receives and stashes of the interrupted step belong to the old group."""
+        self.executor = self._executor()
 
     @property
     def data_rank_world(self) -> tuple[int, int]:

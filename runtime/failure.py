@@ -56,8 +56,11 @@ class FailurePolicy:
     max_restarts: int
     restarts: int = 0
 
-    def decide(self, history: list[dict]) -> Decision:
-        """``history``: failure_detected records so far, newest last (kind, cause, step)."""
+    def decide(self, history: list[dict], can_replace: tuple[bool, str] = (False, "")) -> Decision:
+        """``history``: failure_detected records so far, newest last (kind, cause, step, during).
+
+        ``can_replace``: (whether the engine and settings allow replacing lost ranks alone, why not).
+        """
         last = history[-1]
         if last["kind"] in ("start", "restore"):
             return Decision("stop", "cannot start" if last["kind"] == "start" else "no checkpoint can be restored")
@@ -67,7 +70,13 @@ class FailurePolicy:
                 return Decision("stop", "the same error at the same step after a restart: not transient")
         if self.restarts >= self.max_restarts:
             return Decision("stop", f"{self.restarts} restarts used (cluster.max_restarts={self.max_restarts})")
-        return Decision("restart", f"restart {self.restarts + 1} of {self.max_restarts}")
+        n = f"{self.restarts + 1} of {self.max_restarts}"
+        allowed, why_not = can_replace
+        if last["kind"] in ("died", "hung") and last.get("during") != "replacement" and allowed:
+            return Decision("replace", f"recovery {n}: replace rank(s) {last.get('ranks')}; healthy ranks keep running")
+        why = ("a rank raised: every rank restarts" if last["kind"] == "error" else
+               "the last replacement failed" if last.get("during") == "replacement" else why_not)
+        return Decision("restart", f"recovery {n}: restart the group ({why})")
 
     def record_restart(self) -> int:
         self.restarts += 1

@@ -102,6 +102,10 @@ class BucketedAllReduce:
         finally:
             self._reset()
 
+    def abandon(self) -> None:
+        """Forget an interrupted backward's buckets (their group is gone)."""
+        self._reset()
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

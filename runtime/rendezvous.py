@@ -65,3 +65,15 @@ def init_group(*, backend: str, ip: str, port: int, rank: int, world: int, timeo
         store = dist.TCPStore(ip, port, world, False, timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return store
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True when ``exc`` says a peer of the process group is gone (reset, closed, timed out), not a bug here.
+
+    gloo raises a plain RuntimeError naming its transport; the store and NCCL raise torch's DistError.
+    """
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "Connection reset by peer" in text
+                                              or "Connection closed by peer" in text)

@@ -5,6 +5,11 @@ are answered while ``train`` runs. Everything a step does is a function of (seed
 the batch, and the RNG that dropout draws from (reseeded every step), so restoring the engine's
 state at a step resumes bitwise where an uninterrupted run would be.
 
+A worker outlives its process group: when a peer dies, ``train`` returns "interrupted" instead
+of failing, and the controller can form a new group with a replacement rank (``setup`` again)
+while this process keeps its model, engine and imports. A worker may also start as a *spare*
+(no rank yet, model built) and be given a rank when one is lost.
+
 Each rank writes its own log, ``<run_dir>/logs/rank-<r>.log`` (stdout, stderr, Python
 tracebacks and native crash dumps), so a failure can be read after the process is gone.
 """
@@ -36,8 +41,10 @@ from .data import open_corpus
 from .engines import build_engine
 from .failure import InjectedFailure
 from .models import build
-from .rendezvous import RendezvousListener, init_group
+from .rendezvous import RendezvousListener, init_group, is_collective_failure
 from .runlog import RunLog
+
+STOP_KEY = "trainmem/stop-after-step"
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -81,25 +88,37 @@ def _send_output_to(path: Path, header: str) -> None:
 
 @ray.remote(max_concurrency=4)
 class Worker:
-    def __init__(self, spec: JobSpec, rank: int, world: int, attempt: int, inject: InjectedFailure | None):
-        self.spec, self.rank, self.world, self.attempt = spec, rank, world, attempt
-        self.inject = inject if inject is not None and inject.rank == rank else None
-        self.log_path = rank_log_path(spec.run_dir, rank)
-        _send_output_to(self.log_path, f"rank {rank} of {world}, attempt {attempt}, pid {os.getpid()}, "
-                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    def __init__(self, spec: JobSpec, world: int, inject: InjectedFailure | None, rank: int | None = None,
+                 attempt: int = 0):
+        self.spec, self.world, self.inject_plan = spec, world, inject
+        self.rank: int | None = None
+        self.attempt = attempt
         self._lock = threading.Lock()
         self._pending_metrics: list[dict[str, Any]] = []
         self._pending_events: list[dict[str, Any]] = []
         self._step_done = 0
         self._phase, self._phase_since = "starting", time.time()
+        self._interrupt = threading.Event()
+        self._stop_requested = threading.Event()
         self.device = torch.device("cpu")
         self.log = RunLog(spec.run_dir)
         self.snapshots: RankSnapshots | None = None
+        self.engine = None
+        self.model = None
+        self.callbacks: list[CheckpointCallback] = []
         self._listener: RendezvousListener | None = None
+        if rank is None:
+            _send_output_to(Path(spec.run_dir) / "logs" / f"spare-{os.getpid()}.log",
+                            f"spare worker, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        else:
+            self.assign(rank, attempt)
 
     # ---- answered on a separate thread while train() runs -------------------------------
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def progress(self) -> dict[str, Any]:
         with self._lock:
@@ -122,6 +141,14 @@ class Worker:
         if self.snapshots is not None:
             self.snapshots.update(plan)
 
+    def interrupt(self) -> None:
+        """A peer is gone: leave the step loop at the next boundary (or the next failing collective)."""
+        self._interrupt.set()
+
+    def request_stop(self) -> None:
+        """Preemption: rank 0 picks the next step boundary; every rank saves there and returns."""
+        self._stop_requested.set()
+
     def _event(self, name: str, **fields: Any) -> None:
         """An event for events.jsonl, delivered through the controller's next health poll."""
         with self._lock:
@@ -132,34 +159,23 @@ class Worker:
             self._phase, self._phase_since = phase, time.time()
 
     # ---- set-up -----------------------------------------------------------------------------
-    def reserve_rendezvous(self) -> tuple[str, int]:
-        """Rank 0 binds the rendezvous socket on its node's address and holds it until setup."""
-        self._listener = RendezvousListener(ray.util.get_node_ip_address())
-        return self._listener.ip, self._listener.port
+    def assign(self, rank: int, attempt: int) -> int:
+        """Become rank ``rank`` (a spare learns its rank here); returns the pid."""
+        self.rank, self.attempt = rank, attempt
+        self.inject = self.inject_plan if self.inject_plan is not None and self.inject_plan.rank == rank else None
+        _send_output_to(rank_log_path(self.spec.run_dir, rank), f"rank {rank} of {self.world}, attempt {attempt}, "
+                        f"pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        return os.getpid()
 
-    def setup(self, ip: str, port: int, restore: dict[str, Any]) -> dict[str, Any]:
-        """Join the process group, build model and engine, restore the newest state every rank can read.
-
-        ``restore``: {"candidates": [Candidate JSON, newest first], "snapshots": plan or None}.
-        Returns {"step", "tier", "rejected"} (step 0: fresh start; None: nothing restorable).
-        """
-        try:
-            return self._setup(ip, port, restore)
-        except BaseException:
-            traceback.print_exc()
-            raise
-
-    def _setup(self, ip: str, port: int, restore: dict[str, Any]) -> dict[str, Any]:
-        self._enter("setup")
+    def prewarm(self) -> int:
+        """Everything that needs no process group: the corpus and the model (a spare does this early)."""
+        if self.model is not None:
+            return os.getpid()
         spec = self.spec
         torch.set_num_threads(max(1, int(spec.cluster.cpus_per_worker)))
-        use_cuda = spec.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
-        backend = spec.cluster.backend if spec.cluster.backend != "auto" else ("nccl" if use_cuda else "gloo")
-        if use_cuda:
+        if spec.cluster.gpus_per_worker > 0 and torch.cuda.is_available():
             self.device = torch.device("cuda", 0)
             torch.cuda.set_device(self.device)
-        self.store = init_group(backend=backend, ip=ip, port=port, rank=self.rank, world=self.world,
-                                timeout_s=spec.cluster.collective_timeout_s, listener=self._listener)
         self.corpus = open_corpus(spec.data)
         if self.corpus.max_token >= spec.model.vocab_size:
             raise ValueError(
@@ -168,10 +184,48 @@ class Worker:
             )
         self.model = build(spec.model, seed=spec.train.seed).to(self.device)
         self.pipelined = spec.pipeline.stages > 1
-        self._enter("planning")
-        self.engine = build_engine(spec, self.model, self._batch(1, warmup=True))
-        if getattr(self.engine, "policy", None) is not None and self.rank == 0:
-            self._event("activation_plan", attempt=self.attempt, **self.engine.policy.plan_.to_dict())
+        return os.getpid()
+
+    def reserve_rendezvous(self) -> tuple[str, int]:
+        """Rank 0 binds the rendezvous socket on its node's address and holds it until setup."""
+        self._listener = RendezvousListener(ray.util.get_node_ip_address())
+        return self._listener.ip, self._listener.port
+
+    def setup(self, ip: str, port: int, restore: dict[str, Any], attempt: int | None = None) -> dict[str, Any]:
+        """Join a (new) process group, build what is missing, restore the newest state every rank can read.
+
+        ``restore``: {"candidates": [Candidate JSON, newest first], "snapshots": plan or None}.
+        Returns {"step", "tier", "rejected", "rejoined"} (step 0: fresh start; None: nothing restorable).
+        """
+        try:
+            return self._setup(ip, port, restore, attempt)
+        except BaseException:
+            traceback.print_exc()
+            raise
+
+    def _setup(self, ip: str, port: int, restore: dict[str, Any], attempt: int | None) -> dict[str, Any]:
+        self._enter("setup")
+        rejoined = self.engine is not None
+        if attempt is not None:
+            self.attempt = attempt
+        self._interrupt.clear()
+        self._stop_requested.clear()
+        self._leave_group()
+        self.prewarm()
+        spec = self.spec
+        use_cuda = self.device.type == "cuda"
+        backend = spec.cluster.backend if spec.cluster.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        self.store = init_group(backend=backend, ip=ip, port=port, rank=self.rank, world=self.world,
+                                timeout_s=spec.cluster.collective_timeout_s, listener=self._listener)
+        self._listener = None
+        if self.engine is not None:
+            self.engine.on_new_group()
+        else:
+            self._enter("planning")
+            self.engine = build_engine(spec, self.model, self._batch(1, warmup=True))
+            if getattr(self.engine, "policy", None) is not None and self.rank == 0:
+                self._event("activation_plan", attempt=self.attempt, **self.engine.policy.plan_.to_dict())
+        self._close_callbacks()
         self.callbacks = self._checkpoint_callbacks(restore.get("snapshots"))
         self._enter("restore")
         candidates = [Candidate.from_json(c) for c in restore["candidates"]]
@@ -179,16 +233,16 @@ class Worker:
                               lambda c: open_reader(c, spec.checkpoint_dir, self.snapshots), self.rank)
         with self._lock:
             self._step_done = result["step"] or 0
-        return result
+        return {**result, "rejoined": rejoined, "pid": os.getpid()}
 
     def _checkpoint_callbacks(self, snapshot_plan: dict[str, Any] | None) -> list[CheckpointCallback]:
         spec, seed = self.spec, self.spec.train.seed
         savers = self._group_savers()
         shared = len(set(savers)) == 1
         root = spec.checkpoint_dir if shared else spec.checkpoint_dir / f"rank-{self.rank}"
-        callbacks: list[CheckpointCallback] = [
-            DurableCheckpoints(root, every=spec.checkpoint.every_steps, keep=spec.checkpoint.keep,
-                               saves=savers[self.rank] == self.rank, world=self.world, seed=seed)]
+        self.durable = DurableCheckpoints(root, every=spec.checkpoint.every_steps, keep=spec.checkpoint.keep,
+                                          saves=savers[self.rank] == self.rank, world=self.world, seed=seed)
+        callbacks: list[CheckpointCallback] = [self.durable]
         if snapshot_plan is not None:
             self.snapshots = RankSnapshots(snapshot_plan, self.rank, self.world, on_event=self._event)
             callbacks.append(Snapshots(self.snapshots, world=self.world, seed=seed))
@@ -200,19 +254,52 @@ class Worker:
         keys = [self.store.get(f"replica-key/{r}").decode() for r in range(self.world)]
         return [keys.index(k) for k in keys]
 
+    def _close_callbacks(self) -> None:
+        for cb in self.callbacks:
+            try:
+                cb.close()
+            except Exception:  # an old writer whose holders are gone: nothing to save any more
+                traceback.print_exc()
+        self.callbacks, self.snapshots = [], None
+
+    def _leave_group(self) -> None:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group whose peers died: tearing it down may fail, it is dropped anyway
+                traceback.print_exc()
+
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        """Run to the last step; {"interrupted": True, ...} when a peer was lost (this rank is healthy)."""
         try:
             return self._train()
-        except BaseException:
+        except BaseException as e:
+            if self._interrupt.is_set() or is_collective_failure(e):
+                print(f"rank {self.rank}: left the step loop at step {self._step_done} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''})", flush=True)
+                return self._paused()
             traceback.print_exc()
             raise
+
+    def _paused(self) -> dict[str, Any]:
+        if self.snapshots is not None:
+            try:
+                self.snapshots.writer.flush(timeout_s=self.spec.checkpoint.holder_timeout_s)
+            except Exception:  # a snapshot that cannot be stored now is simply not there
+                traceback.print_exc()
+        self._leave_group()
+        self._enter("paused")
+        return {"rank": self.rank, "interrupted": True, "steps": self._step_done, "pid": os.getpid()}
 
     def _train(self) -> dict[str, Any]:
         spec = self.spec
         start = self._step_done
         tokens_per_step = spec.train.batch_size * spec.model.seq_len * self.engine.data_rank_world[1]
+        stop_after = None
         for step in range(start + 1, spec.train.steps + 1):
+            if self._interrupt.is_set():
+                return self._paused()
             t0 = time.perf_counter()
             self._maybe_inject(step)
             loss = self._train_step(step)
@@ -232,6 +319,9 @@ class Worker:
             with self._lock:
                 self._pending_metrics.append(record)
                 self._step_done = step
+            stop_after = self._stop_step(step) if stop_after is None else stop_after
+            if stop_after is not None and step >= stop_after:
+                return self._preempted(step)
         self._enter("finished")
         result = {"rank": self.rank, "steps": self._step_done}
         state = self.engine.full_state_dict()
@@ -239,6 +329,27 @@ class Worker:
             result["params_sha256"] = state_sha256(state)
         dist.barrier()
         return result
+
+    def _stop_step(self, step: int) -> int | None:
+        """The step every rank stops after, once rank 0 was asked to stop (agreed through the store).
+
+        Rank 0 names the step after the one it just finished: no rank can have finished that one
+        yet, since each step's collectives need rank 0.
+        """
+        if self.rank == 0 and self._stop_requested.is_set() and not self.store.check([STOP_KEY]):
+            self.store.set(STOP_KEY, str(step + 1))
+        if self.store.check([STOP_KEY]):
+            return int(self.store.get(STOP_KEY))
+        return None
+
+    def _preempted(self, step: int) -> dict[str, Any]:
+        """Save this step durably (one writer per replica group), then leave."""
+        self._enter("preempt_save")
+        if self.snapshots is not None:
+            self.snapshots.writer.flush(timeout_s=self.spec.checkpoint.holder_timeout_s)
+        self.durable.save_now(step, self.engine)
+        self._enter("preempted")
+        return {"rank": self.rank, "steps": step, "preempted": True}
 
     def _batch(self, step: int, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         data_rank, data_world = (0, 1) if self.pipelined else (self.rank, self.world)
@@ -277,7 +388,5 @@ class Worker:
         threading.Event().wait()  # a hang: never returns; the controller must notice
 
     def shutdown(self) -> None:
-        for cb in getattr(self, "callbacks", []):
-            cb.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self._close_callbacks()
+        self._leave_group()

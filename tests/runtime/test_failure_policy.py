@@ -33,3 +33,16 @@ def test_unstartable_and_unrestorable_jobs_stop_at_once():
     assert FailurePolicy(max_restarts=9).decide([_f("start")]).action == "stop"
     decision = FailurePolicy(max_restarts=9).decide([_f("restore")])
     assert decision.action == "stop" and "no checkpoint" in decision.reason
+
+
+def test_lost_ranks_are_replaced_alone_when_the_engine_allows_else_the_group_restarts():
+    policy = FailurePolicy(max_restarts=5)
+    died = {"kind": "died", "cause": "gone", "step": 4, "ranks": [2], "during": "training"}
+    assert policy.decide([died], can_replace=(True, "")).action == "replace"
+    assert policy.decide([dict(died, kind="hung")], can_replace=(True, "")).action == "replace"
+    no = policy.decide([died], can_replace=(False, "the DeepSpeed engine cannot re-form its groups"))
+    assert no.action == "restart" and "DeepSpeed" in no.reason
+    raised = policy.decide([dict(died, kind="error")], can_replace=(True, ""))
+    assert raised.action == "restart" and "raised" in raised.reason
+    failed_replacement = policy.decide([died, dict(died, during="replacement")], can_replace=(True, ""))
+    assert failed_replacement.action == "restart" and "replacement failed" in failed_replacement.reason
