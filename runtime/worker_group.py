@@ -258,11 +258,11 @@ class WorkerGroup:
     def _stacks(self, ranks: list[int]) -> dict[int, str]:
         """Python stacks of every thread of ``ranks`` (also written to their logs), where they answer."""
         refs = {r: self.actors[r].dump_stacks.remote() for r in ranks}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=5.0)
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=2.0)
         out = {}
         for r, ref in refs.items():
             try:
-                out[r] = ray.get(ref) if ref in ready else "(did not answer within 5s)"
+                out[r] = ray.get(ref) if ref in ready else "(did not answer within 2s: the process is stopped or stuck)"
             except RayError as e:
                 out[r] = f"(could not dump stacks: {_first_line(e)})"
         return out
