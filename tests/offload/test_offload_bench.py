@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from trainmem.offload import bench
+from trainmem.offload.activations import bench
 
 
 @pytest.mark.slow
