@@ -53,11 +53,12 @@ class ShardStore:
         free = [s for s in self.staging[state] if not s.pinned]
         if not free:
             raise RuntimeError(f"every {state} staging slab is in use (more than {STAGING_SETS} shards held at once)")
-        return min(free, key=lambda s: s.used)
+        return min(free, key=lambda s: (s.chunk is not None, s.used))
 
     def _load(self, state: str, chunk: int, read: bool) -> _Staged:
         staged = self._claim(state)
-        staged.chunk = chunk
+        self._clock += 1
+        staged.chunk, staged.used = chunk, self._clock  # a prefetched slab counts as recently used
         if read:  # queued behind any write of this slab on the one I/O thread
             staged.handle = self.disk.read(self._disk_slot(state, chunk), staged.slab, what=f"{state} {chunk}")
         elif staged.handle is not None:
