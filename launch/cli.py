@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "schedule": ("trainmem.parallel.cli", "pipeline schedules: trainmem schedule show|pick ..."),
     "serve": ("trainmem.launch.serve_cmd", "start memory services: trainmem serve examples/memory.toml"),
     "consolidate": ("trainmem.launch.consolidate_cmd", "run memory consolidation: --once | --schedule CRON"),
+    "export": ("trainmem.launch.export_cmd", "newest intact checkpoint as safetensors: trainmem export RUN_DIR OUT"),
     "plot": ("trainmem.launch.plot_cmd", "draw a run's loss, throughput and memory: trainmem plot RUN_DIR"),
     "bench": ("trainmem.launch.bench_cmd", "benchmarks beside their anchors: trainmem bench NAME [--json]"),
 }
