@@ -13,7 +13,7 @@ from typing import Any
 
 from trainmem.checkpoint import CheckpointConfig
 from trainmem.memory_services import ServicesConfig
-from trainmem.offload import ActivationConfig, PlacementConfig, PlacementInfeasible, operators, plan_placement
+from trainmem.offload import ActivationConfig, PlacementConfig, PlacementInfeasible, plan_for_module
 from trainmem.parallel import PipelineConfig
 
 from .models import ModelConfig
@@ -188,11 +188,7 @@ def placement_plan(spec: JobSpec):
 
     with torch.device("meta"):
         model = GPT(spec.model)
-    params = list(model.named_parameters())
-    index = {id(p): i for i, (_, p) in enumerate(params)}
-    op_params = [[index[id(p)] for p in op.parameters(recurse=False)] for op in operators(model)]
-    return plan_placement([(n, tuple(p.shape)) for n, p in params], op_params, spec.placement,
-                          world=spec.cluster.workers)
+    return plan_for_module(model, spec.placement, world=spec.cluster.workers)
 
 
 def load_spec(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> JobSpec:

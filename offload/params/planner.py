@@ -114,6 +114,16 @@ def plan_placement(params: list[tuple[str, tuple[int, ...]]], op_params: list[li
     return plan_with_layout(params, op_params, cfg, world=world, micro_batches=micro_batches)[0]
 
 
+def plan_for_module(model, cfg: PlacementConfig, *, world: int) -> PlacementPlan:
+    """The plan for a module's parameters and operators (a meta-device module is enough: no weights)."""
+    from .engine import operators
+
+    params = list(model.named_parameters())
+    index = {id(p): i for i, (_, p) in enumerate(params)}
+    op_params = [[index[id(p)] for p in op.parameters(recurse=False)] for op in operators(model)]
+    return plan_placement([(n, tuple(p.shape)) for n, p in params], op_params, cfg, world=world)
+
+
 def plan_with_layout(params: list[tuple[str, tuple[int, ...]]], op_params: list[list[int]], cfg: PlacementConfig, *,
                      world: int, micro_batches: int | None = None,
                      order: list[int] | None = None) -> tuple[PlacementPlan, ChunkLayout]:
