@@ -44,8 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"trainmem: unknown command {name!r} (fix: one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"trainmem {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # no traceback reaches the user: one line, the rest in a file
+        from .usage import first_line, write_traceback
+
+        log = write_traceback(None, e)
+        print(f"trainmem {name}: internal error: {type(e).__name__}: {first_line(e)} (traceback in {log})",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

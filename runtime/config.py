@@ -94,6 +94,12 @@ class ClusterConfig:
     """How long to wait for the worker group to start before failing."""
     placement: str = "PACK"
     """Placement-group strategy for ranks: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK."""
+    recovery: str = "replace"
+    """On a dead or hung rank: 'replace' it alone (healthy ranks keep their processes; engines that cannot, restart) or 'restart' the group."""
+    spares: int = 0
+    """Pre-started worker actors (torch imported, model built) that replace a lost rank without a cold start."""
+    preempt_grace_s: float = 60.0
+    """On SIGTERM to the driver: how long ranks get to reach a common step and save it durably before exit."""
 
     def __post_init__(self) -> None:
         if self.workers <= 0:
@@ -111,6 +117,12 @@ class ClusterConfig:
             raise ValueError(f"placement={self.placement!r} must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts={self.max_restarts} must be >= 0")
+        if self.recovery not in ("replace", "restart"):
+            raise ValueError(f"recovery={self.recovery!r} must be 'replace' or 'restart'")
+        if self.spares < 0:
+            raise ValueError(f"spares={self.spares} must be >= 0")
+        if not self.preempt_grace_s > 0:
+            raise ValueError(f"preempt_grace_s={self.preempt_grace_s} must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -200,12 +212,12 @@ def load_spec(path: str | Path | None, overrides: dict[str, dict[str, Any]] | No
             raise ConfigError(source, section, "must be a table", f"write [{section}]")
         table[section].update(values)
     spec = build_dataclass(JobSpec, table, source, "")
-    _check_environment(spec, source, base=Path(path).parent if path is not None else Path("."))
-    _resolve_paths(spec, job_name=Path(path).stem if path is not None else "job")
+    check_environment(spec, source, base=Path(path).parent if path is not None else Path("."))
+    resolve_paths(spec, job_name=Path(path).stem if path is not None else "job")
     return spec
 
 
-def _resolve_paths(spec: JobSpec, job_name: str) -> None:
+def resolve_paths(spec: JobSpec, job_name: str) -> None:
     """Absolute paths: Ray workers do not share the driver's working directory."""
     if not spec.train.run_dir:
         spec.train.run_dir = f"runs/{job_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -215,7 +227,7 @@ def _resolve_paths(spec: JobSpec, job_name: str) -> None:
     spec.data.cache_dir = str(Path(spec.data.cache_dir).expanduser().resolve())
 
 
-def _check_environment(spec: JobSpec, source: str, base: Path) -> None:
+def check_environment(spec: JobSpec, source: str, base: Path) -> None:
     """Checks that need the machine: CPUs for an embedded cluster, readable data files."""
     if not spec.cluster.address:
         cpus = os.cpu_count() or 1
