@@ -95,10 +95,14 @@ def main(argv: list[str]) -> int:
         return _fail(f"{args.job}: memory.activation_budget: {e}")
     except (ValueError, OSError) as e:
         return _fail(f"{args.job}: {e}")
+    return _show(plan, plan_table, args)
+
+
+def _show(plan, table, args) -> int:
     if args.json:
         print(json.dumps(plan.to_dict()))
     else:
-        Console(width=max(100, Console().width)).print(plan_table(plan))
+        Console(width=max(100, Console().width)).print(table(plan))
     return 0
 
 
@@ -110,8 +114,4 @@ def _placement(spec, args) -> int:
         plan = placement_plan(spec)
     except PlacementInfeasible as e:
         return _fail(f"{args.job}: {e}")
-    if args.json:
-        print(json.dumps(plan.to_dict()))
-    else:
-        Console(width=max(100, Console().width)).print(placement_table(plan))
-    return 0
+    return _show(plan, placement_table, args)

@@ -65,12 +65,16 @@ class DiskSlots:
         if nbytes > self.slot_bytes:
             raise ValueError(f"{nbytes} bytes do not fit a disk slot of {self.slot_bytes}")
 
+    def _prepare(self, slot: int, t: torch.Tensor) -> tuple[memoryview, int, int]:
+        nbytes = t.numel() * t.element_size()
+        if self.direct:
+            nbytes = round_up(nbytes)
+        self._check(slot, nbytes)
+        return self._buffer(t, nbytes), slot * self.slot_bytes, nbytes
+
     def write(self, slot: int, src: torch.Tensor, *, what: str = "shard") -> Handle:
         """Write ``src`` (host, aligned) to ``slot``; the caller keeps ``src`` unchanged until the handle is done."""
-        nbytes = round_up(src.numel() * src.element_size()) if self.direct else src.numel() * src.element_size()
-        self._check(slot, nbytes)
-        buf = self._buffer(src, nbytes)
-        offset = slot * self.slot_bytes
+        buf, offset, nbytes = self._prepare(slot, src)
 
         def go() -> None:
             done = 0
@@ -81,10 +85,7 @@ class DiskSlots:
 
     def read(self, slot: int, dst: torch.Tensor, *, what: str = "shard") -> Handle:
         """Read ``slot`` into ``dst`` (host, aligned)."""
-        nbytes = round_up(dst.numel() * dst.element_size()) if self.direct else dst.numel() * dst.element_size()
-        self._check(slot, nbytes)
-        buf = self._buffer(dst, nbytes)
-        offset = slot * self.slot_bytes
+        buf, offset, nbytes = self._prepare(slot, dst)
 
         def go() -> None:
             done = 0
