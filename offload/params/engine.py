@@ -65,6 +65,10 @@ class _Fetch:
 
 
 class ChunkedEngine:
+    """The runtime's contract: ``forward_backward(x, y) -> global mean loss``, ``clip(max_norm)``,
+    ``optimizer_step()``, ``state_for_checkpoint()`` / ``load_checkpoint(read, saved_world)``,
+    ``full_state_dict()`` (collective), ``data_rank_world``, ``replica_group_key`` and ``last_stats``."""
+
     def __init__(self, model: nn.Module, cfg: PlacementConfig, *, lr: float, weight_decay: float,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
                  group: dist.ProcessGroup | None = None, events: Callable[..., None] | None = None):

@@ -42,6 +42,7 @@ class HostAdamW:
     def __init__(self, kernel: str, *, lr: float, weight_decay: float):
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.requested = kernel
+        self.fallback_reason: str | None = None  # why 'auto' did not get DeepSpeedCPUAdam
         self._ds = None
         if kernel in ("deepspeed", "auto"):
             try:
