@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,8 @@ def main(argv: list[str]) -> int:
             for side in ("ours", "deepspeed_nvme"):
                 progress.update(task, description=f"size search: {side}")
                 search[side] = _search(side, base, cap, args.search_timeout_s, workdir, progress, task)
+    if not args.disk_path:
+        shutil.rmtree(disk_path, ignore_errors=True)  # swap files of both sides; the logs stay in workdir
     out = _summary(results, search, args, device, cap)
     out.update({"machine": platform.node(), "torch": torch.__version__, "cpus": os.cpu_count(),
                 "load_avg": os.getloadavg(), "workdir": str(workdir)})
