@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("trainmem.launch.serve_cmd", "start memory services: trainmem serve examples/memory.toml"),
     "consolidate": ("trainmem.launch.consolidate_cmd", "run memory consolidation: --once | --schedule CRON"),
     "chaos": ("trainmem.launch.chaos_cmd", "random real faults, each run checked bitwise: trainmem chaos JOB.toml --trials N"),
+    "export": ("trainmem.launch.export_cmd", "newest intact checkpoint as safetensors: trainmem export RUN_DIR OUT"),
     "plot": ("trainmem.launch.plot_cmd", "draw a run's loss, throughput and memory: trainmem plot RUN_DIR"),
     "bench": ("trainmem.launch.bench_cmd", "benchmarks beside their anchors: trainmem bench NAME [--json]"),
 }

@@ -13,7 +13,7 @@ from typing import Any
 
 from trainmem.checkpoint import CheckpointConfig
 from trainmem.memory_services import ServicesConfig
-from trainmem.offload import ActivationConfig
+from trainmem.offload import ActivationConfig, PlacementConfig, PlacementInfeasible, plan_for_module
 from trainmem.parallel import PipelineConfig
 
 from .models import ModelConfig
@@ -143,6 +143,8 @@ class JobSpec:
     """[pipeline] pipeline-parallel schedule (stages > 1 turns it on)."""
     services: ServicesConfig = field(default_factory=ServicesConfig)
     """[services] memory layers, retriever and consolidation served on the cluster (trainmem serve)."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """[placement] parameters, gradients and optimizer state in chunks over device, host and disk."""
 
     def __post_init__(self) -> None:
         if self.pipeline.stages > 1 and self.pipeline.stages != self.cluster.workers:
@@ -159,6 +161,27 @@ class JobSpec:
             raise ValueError(
                 f"pipeline.microbatches={self.pipeline.microbatches} must divide train.batch_size={self.train.batch_size}"
             )
+        if self.placement.enabled:
+            self._check_placement()
+
+    def _check_placement(self) -> None:
+        """[placement] against the rest of the spec and the model's shapes (built on the meta device)."""
+        if self.pipeline.stages > 1:
+            raise ValueError(f"placement.device_bytes=... cannot combine with pipeline.stages={self.pipeline.stages} "
+                             "(chunked placement is data-parallel; remove one of them)")
+        if self.memory.activations != "none":
+            raise ValueError(f"placement.device_bytes=... cannot combine with memory.activations="
+                             f"{self.memory.activations!r} yet (set memory.activations='none')")
+        if self.model.memory_layers:
+            raise ValueError("placement.device_bytes=... cannot place model.memory_layers (sparse value rows with "
+                             "their own optimizer); remove one of them")
+        if self.train.batch_size % self.placement.micro_batches:
+            raise ValueError(f"placement.micro_batches={self.placement.micro_batches} must divide "
+                             f"train.batch_size={self.train.batch_size}")
+        try:
+            placement_plan(self)
+        except PlacementInfeasible as e:
+            raise ValueError(str(e)) from None
 
     @property
     def run_dir(self) -> Path:
@@ -167,6 +190,17 @@ class JobSpec:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+
+def placement_plan(spec: JobSpec):
+    """The [placement] plan for this spec's model at cluster.workers ranks (no weights are allocated)."""
+    import torch
+
+    from .models import GPT
+
+    with torch.device("meta"):
+        model = GPT(spec.model)
+    return plan_for_module(model, spec.placement, world=spec.cluster.workers)
 
 
 def load_spec(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> JobSpec:
