@@ -26,6 +26,7 @@ from trainmem.checkpoint import Candidate, SnapshotService, disk_candidates, ord
 
 from .config import JobSpec
 from .cluster import connect_ray
+from .engines import replica_groups
 from .failure import Decision, FailurePolicy, InjectedFailure
 from .runlog import RunLog, read_jsonl
 from .spares import SparePool
@@ -130,8 +131,7 @@ class Controller:
         if not self.spec.checkpoint.snapshot_every:
             return
         world = self.spec.cluster.workers
-        # DDP ranks are replicas (one stored snapshot per step suffices); pipeline stages are not.
-        groups = [[r] for r in range(world)] if self.spec.pipeline.stages > 1 else [list(range(world))]
+        groups = replica_groups(self.spec)
         self.snapshots = SnapshotService(self.spec.checkpoint, world=world, run_dir=self.spec.run_dir,
                                          checkpoint_dir=self.spec.checkpoint_dir, event=self.log.event,
                                          replica_groups=groups)

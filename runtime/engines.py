@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from trainmem.checkpoint.state import flatten_training_state, restore_training_state
-from trainmem.offload import ActivationConfig, ActivationPolicy
+from trainmem.offload import ActivationConfig, ActivationPolicy, ChunkedEngine
 from trainmem.parallel import PipelineConfig, PipelineExecutor, build_schedule, layout_for
 
 from .grad_sync import BucketedAllReduce, sparse_grad_parameters
@@ -196,7 +196,19 @@ class PipelineEngine(_ModelOptimizerState):
         return self.model.state_dict()
 
 
-def build_engine(spec, model: GPT, warmup_batch) -> Engine:
+def replica_groups(spec) -> list[list[int]]:
+    """Ranks that hold identical state (one snapshot per group suffices): DDP replicas form one group;
+    pipeline stages and placement shards are each their own."""
+    world = spec.cluster.workers
+    if spec.pipeline.stages > 1 or spec.placement.enabled:
+        return [[r] for r in range(world)]
+    return [list(range(world))]
+
+
+def build_engine(spec, model: GPT, warmup_batch, device: torch.device, events=None) -> Engine:
+    if spec.placement.enabled:  # parameters, gradients and optimizer state in chunks over the tiers
+        return ChunkedEngine(model, spec.placement, lr=spec.train.lr, weight_decay=spec.train.weight_decay,
+                             loss_fn=lm_loss, device=device, events=events)
     policy = build_policy(spec.memory, model, warmup_batch) if spec.memory.activations != "none" else None
     if spec.pipeline.stages > 1:
         return PipelineEngine(model, spec.pipeline, policy, spec.train)

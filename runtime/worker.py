@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from trainmem.checkpoint import Candidate, RankSnapshots
+from trainmem.offload import ActivationPolicy
 
 from .checkpointing import CheckpointCallback, DurableCheckpoints, Snapshots, open_reader, walk_restore
 from .config import JobSpec
@@ -222,9 +223,10 @@ class Worker:
             self.engine.on_new_group()
         else:
             self._enter("planning")
-            self.engine = build_engine(spec, self.model, self._batch(1, warmup=True))
-            if getattr(self.engine, "policy", None) is not None and self.rank == 0:
-                self._event("activation_plan", attempt=self.attempt, **self.engine.policy.plan_.to_dict())
+            self.engine = build_engine(spec, self.model, self._batch(1, warmup=True), self.device, events=self._event)
+            policy = getattr(self.engine, "policy", None)
+            if isinstance(policy, ActivationPolicy) and self.rank == 0:
+                self._event("activation_plan", attempt=self.attempt, **policy.plan_.to_dict())
         self._close_callbacks()
         self.callbacks = self._checkpoint_callbacks(restore.get("snapshots"))
         self._enter("restore")

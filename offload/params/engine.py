@@ -157,6 +157,26 @@ class ChunkedEngine:
             self.disk.close()
 
     # ---- public contract ------------------------------------------------------------------------
+    def on_new_group(self) -> None:
+        """The process group was formed again (a lost peer replaced): drop what the interrupted step
+        had in flight. Its all-gathers belong to the old group and are never waited on; the shards on
+        the host are what load_checkpoint overwrites next."""
+        for c, f in list(self.fetching.items()):
+            if f.release is not None:
+                f.release()
+        self.fetching.clear()
+        for c in list(self.resident):
+            self._evict(c)
+        for slot in self.grad_slot.values():
+            self.arena.release(slot)
+        self.grad_slot.clear()
+        self.pending.clear()
+        self.closed = set()
+        self._release_pins()
+        # Prefetches are collectives too: the replacement starts without a trace, so this rank must
+        # record again with it, or the two would issue their all-gathers in different orders.
+        self.trace, self.live, self.policy, self.diverged_at = None, Trace(), Policy(None), None
+
     @property
     def data_rank_world(self) -> tuple[int, int]:
         return self.rank, self.world
