@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml constraints.txt | system-deps
 
 install: $(STAMP)
 
+# The demo loses rank 1 to SIGKILL halfway; the summary shows the recovery. `make demo NO_FAILURE=1`: a plain run.
 demo: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/trainmem launch examples/demo.toml --workers 2 --steps 50
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/trainmem launch examples/demo.toml --workers 2 --steps 50 \
+	  $(if $(NO_FAILURE),,--inject-failure rank=1,step=25,kind=kill)
 
 test: $(STAMP)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q --durations=15

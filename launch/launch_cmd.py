@@ -146,9 +146,16 @@ def main(argv: list[str]) -> int:
         "peak_mem_bytes": result.peak_mem_bytes,
         "run_dir": result.run_dir,
     }
-    _print_summary(Console(stderr=args.json), summary)
+    rows = dict(summary)
+    for i, r in enumerate(result.recoveries, 1):
+        how = r["action"] + (f" ({', '.join(f'rank {k}: {v}' for k, v in r['replacement'].items())})"
+                             if r["replacement"] else "")
+        rows[f"failure {i}"] = f"{r['kind']} rank(s) {r['ranks']}: {how}"
+        rows[f"failure {i} restored from"] = f"{r['tier']} step {r['restored_step']} ({r['lost_steps']} steps lost)"
+        rows[f"failure {i} fault -> resumed (s)"] = r["fault_to_resumed_s"]
+    _print_summary(Console(stderr=args.json), rows)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({**summary, "recoveries": result.recoveries}))
     return 0
 
 

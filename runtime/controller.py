@@ -62,6 +62,8 @@ class JobResult:
     peak_mem_bytes: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     preempted_step: int | None = None
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    """Per failure: kind, ranks, how it was recovered, the tier and step restored, steps lost, seconds to resume."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -307,8 +309,40 @@ class Controller:
             run_dir=str(self.spec.run_dir),
             state=self.state.value,
             preempted_step=self.preempted_step,
+            recoveries=recoveries(self.log.events(), lines, self.t0),
             peak_mem_bytes=max((m["peak_mem_bytes"] for m in lines), default=0),
             failures=self._failures,
         )
-        self.log.event("job_finished", **{k: v for k, v in result.to_json().items() if k != "failures"})
+        self.log.event("job_finished", **{k: v for k, v in result.to_json().items()
+                                          if k not in ("failures", "recoveries")})
         return result
+
+
+def recoveries(events: list[dict[str, Any]], metrics: list[dict[str, Any]], t0: float) -> list[dict[str, Any]]:
+    """What each failure of this run cost, from events.jsonl and metrics.jsonl alone.
+
+    Seconds run from the fault (the injection when there was one, else its detection) to the first
+    step finished after the restore; steps lost are the steps finished before the fault that the
+    restored state does not have.
+    """
+    events = [e for e in events if e["time"] >= t0]
+    out = []
+    for i, e in enumerate(events):
+        if e["event"] != "failure_detected":
+            continue
+        later = events[i + 1:]
+        injected = next((x for x in reversed(events[:i]) if x["event"] == "failure_injected"), None)
+        fault_t = injected["time"] if injected and injected["time"] >= (out[-1]["_t"] if out else t0) else e["time"]
+        restored = next((x for x in later if x["event"] == "restored"), None)
+        decision = next((x for x in later if x["event"] == "restart"), {})
+        replaced = next((x for x in later if x["event"] == "ranks_replaced"), {})
+        resumed = next((m for m in metrics if m["time"] > e["time"] and m["attempt"] > e.get("attempt", 0)), None)
+        done = max((m["step"] for m in metrics if m["time"] < fault_t), default=0)
+        out.append({"_t": e["time"], "kind": e["kind"], "ranks": e["ranks"], "action": decision.get("action", "stop"),
+                    "replacement": replaced.get("source"), "tier": restored["tier"] if restored else "none",
+                    "restored_step": restored["step"] if restored else 0,
+                    "lost_steps": max(0, done - (restored["step"] if restored else 0)),
+                    "fault_to_resumed_s": round(resumed["time"] - fault_t, 3) if resumed else None})
+    for r in out:
+        r.pop("_t")
+    return out

@@ -60,6 +60,11 @@ def test_only_the_lost_rank_is_replaced_and_nothing_is_lost(baseline, tmp_path, 
     assert result.params_sha256 == baseline.params_sha256
     kill_to_resumed = _first(events, "resumed")["time"] - _first(events, "failure_injected")["time"]
     assert kill_to_resumed < (failure.kind == "hang") * spec.cluster.hang_timeout_s + 15
+    # What the summary shows (trainmem launch prints it; make demo too).
+    (rec,) = result.recoveries
+    assert rec["action"] == "replace" and rec["tier"] == "memory" and rec["lost_steps"] == 0
+    assert rec["replacement"] == {str(failure.rank): "spare" if spares else "cold"}
+    assert 0 < rec["fault_to_resumed_s"] <= kill_to_resumed + 1
 
 
 def test_sigterm_saves_a_common_step_and_resume_continues_bitwise(baseline, tmp_path):
