@@ -111,6 +111,11 @@ class SnapshotCoordinator:
             self._voted = {r: {s for s in v if s <= limit} for r, v in self._voted.items()}
             self._complete = [s for s in self._complete if s <= limit]
 
+    def voted(self, step: int) -> set[int]:
+        """Ranks known to have stored ``step``."""
+        with self._lock:
+            return {r for r, steps in self._voted.items() if step in steps}
+
     def latest_complete(self) -> int | None:
         with self._lock:
             return self._complete[-1] if self._complete else None

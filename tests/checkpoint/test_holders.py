@@ -134,3 +134,4 @@ def test_the_byte_cap_is_checked_at_start_and_a_full_holder_skips_the_snapshot(l
     assert writer.prepared_step is None and not holders.dead, "a full holder is not a dead one"
     writer.close()
     holders.close()
+
