@@ -82,7 +82,9 @@ class SnapshotCoordinator:
 
     def _broadcast_commit(self, step: int) -> None:
         """Phase two to every live holder; one that misses the deadline is told again next poll."""
-        replies = self.holders.call("commit", step, timeout_s=self.poll_timeout_s)
+        with self._lock:
+            complete = list(self._complete)
+        replies = self.holders.call("commit", step, complete, timeout_s=self.poll_timeout_s)
         for h, reply in replies.items():
             if isinstance(reply, BaseException):
                 self._uncommitted_on[h] = max(step, self._uncommitted_on.get(h, -1))
@@ -92,8 +94,10 @@ class SnapshotCoordinator:
     def _retry_commits(self) -> None:
         pending = {h: s for h, s in self._uncommitted_on.items() if h not in self.holders.dead}
         self._uncommitted_on = {}
+        with self._lock:
+            complete = list(self._complete)
         for step in sorted(set(pending.values())):
-            replies = self.holders.call("commit", step, indices=[h for h, s in pending.items() if s == step],
+            replies = self.holders.call("commit", step, complete, indices=[h for h, s in pending.items() if s == step],
                                         timeout_s=self.poll_timeout_s)
             for h, reply in replies.items():
                 if isinstance(reply, BaseException):

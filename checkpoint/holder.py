@@ -207,11 +207,14 @@ class SnapshotHolder:
             return {r: list(s) for r, s in self._votes.items()}
 
     # ---- deciding and freeing -----------------------------------------------------------------
-    def commit(self, step: int) -> list[int]:
-        """Phase two: step is complete on every rank. Frees steps older than the newest ``keep`` commits."""
+    def commit(self, step: int, complete: list[int] | None = None) -> list[int]:
+        """Phase two: step is complete on every rank. Frees steps older than the newest ``keep`` commits.
+
+        ``complete`` is every step the coordinator holds complete: commits of two steps can arrive out
+        of order, and a holder told only of the newer one would free the older while it is still kept.
+        """
         with self._lock:
-            if step not in self._committed:
-                self._committed = sorted(self._committed + [step])[-self.keep :]
+            self._committed = sorted(set(self._committed) | {step} | set(complete or ()))[-self.keep :]
             floor = self._committed[0]
         self._drop(lambda s: s < floor)
         return list(self._committed)
