@@ -37,9 +37,9 @@ from .store import Entry, FilterError, IdempotencyConflict, MemoryStore, StoreCo
 _LAZY = {
     "serve_app": "serving.app", "shutdown_services": "serving.app",
     "MemoryClient": "client", "MemoryServiceError": "client",
-    "LayerClient": "serving.handle_client", "MemoryUnavailable": "serving.errors",
+    "LayerClient": "serving.handle_client", "MemoryUnavailable": "client",
     "load_run_layer": "layers.from_run", "init_memory": "layers.from_run", "maybe_init_memory": "layers.from_run",
-    "ensure_layer_chain": "layers.from_run",
+    "ensure_layer_chain": "layers.from_run", "plan_memory_init": "layers.from_run", "layer_sha256": "layers.from_run",
 }
 
 __all__ = [

@@ -24,8 +24,8 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(kw_only=True)
 class ProductKeyConfig:
-    d_model: int = 512
-    """Input and output width of the layer (the block's hidden size; 0 inside [model]: the model's d_model)."""
+    d_model: int = 0
+    """Input and output width of the layer (the block's hidden size); 0: set by what holds it ([model]: its d_model)."""
     heads: int = 4
     """Memory heads; each picks its own top-k slots, their values are summed."""
     n_keys: int = 128
@@ -69,8 +69,8 @@ class ProductKeyConfig:
 
 @dataclass(kw_only=True)
 class EngramConfig:
-    d_model: int = 512
-    """Hidden width the memory's output is added to (0 inside [model]: the model's d_model)."""
+    d_model: int = 0
+    """Hidden width the memory's output is added to; 0: set by what holds it ([model]: its d_model)."""
     orders: list[int] = field(default_factory=lambda: [2, 3])
     """N-gram orders looked up (the last n token ids, ending at each position)."""
     heads_per_order: int = 4

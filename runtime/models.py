@@ -45,11 +45,11 @@ class ModelConfig:
     """MLP hidden width as a multiple of d_model."""
     memory_layers: list[int] = field(default_factory=list)
     """Block indices whose MLP is replaced by a product-key memory layer (memory_services)."""
-    product_key: ProductKeyConfig = field(default_factory=lambda: ProductKeyConfig(d_model=0))
+    product_key: ProductKeyConfig = field(default_factory=ProductKeyConfig)
     """[model.product_key] the memory layers' settings (d_model = 0: the model's width)."""
     ngram_memory: bool = False
     """Add a hashed n-gram (Engram) memory to the embedding output; its tables are trained row-sparse."""
-    engram: EngramConfig = field(default_factory=lambda: EngramConfig(d_model=0))
+    engram: EngramConfig = field(default_factory=EngramConfig)
     """[model.engram] the n-gram memory's settings (d_model = 0: the model's width)."""
     init_memory_from: str = ""
     """A run directory or memory store whose memory layer values replace this model's at init_memory_step."""

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from trainmem.checkpoint import DurableStore, RankSnapshots
 from trainmem.checkpoint.state import flatten_training_state, restore_training_state
+from trainmem.memory_services import maybe_init_memory
 
 from .config import JobSpec
 from .data import open_corpus
@@ -134,6 +135,8 @@ class Worker:
         self.optimizer = build_optimizer(self.model, self.engine.parameters(), spec.train)
         if start:
             restore_training_state(self.model, self.optimizer, self._restored.tensors, self._restored.meta)
+        if loaded := maybe_init_memory(self.model, spec.model, start):  # --init-memory-from
+            self.log.event("memory_init", rank=self.rank, step=start, **loaded)
         with self._lock:
             self._step_done = start
         return start

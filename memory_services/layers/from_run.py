@@ -28,7 +28,7 @@ SPEC_FILE = "spec.json"
 def _spec(run_dir: Path) -> dict[str, Any]:
     path = run_dir / SPEC_FILE
     if not path.is_file():
-        raise ValueError(f"from_run={str(run_dir)!r} is not a trainmem run directory (no {SPEC_FILE}; "
+        raise ValueError(f"memory_layer.from_run={str(run_dir)!r} is not a trainmem run directory (no {SPEC_FILE}; "
                          "fix: pass the run_dir a `trainmem launch` wrote)")
     return json.loads(path.read_text())
 
@@ -40,15 +40,18 @@ def run_layer_config(run_dir: str | Path, layer: int = -1) -> tuple[int, Product
     model = spec.get("model", {})
     memory = list(model.get("memory_layers", []))
     if not memory:
-        raise ValueError(f"from_run={str(run_dir)!r}: the run has no memory layers (model.memory_layers = [])")
+        raise ValueError(f"memory_layer.from_run={str(run_dir)!r}: the run has no memory layers "
+                         "(model.memory_layers = [])")
     if layer == -1:
         if len(memory) > 1:
-            raise ValueError(f"layer=-1 but run {run_dir} has memory layers {memory} (fix: set memory_layer.layer)")
+            raise ValueError(f"memory_layer.layer=-1 but run {run_dir} has memory layers {memory} "
+                             "(fix: set memory_layer.layer)")
         layer = memory[0]
     if layer not in memory:
-        raise ValueError(f"layer={layer} is not a memory layer of run {run_dir} (its memory_layers: {memory})")
+        raise ValueError(f"memory_layer.layer={layer} is not a memory layer of run {run_dir} "
+                         f"(its memory_layers: {memory})")
     if int(spec.get("pipeline", {}).get("stages", 1)) > 1:
-        raise ValueError(f"from_run={str(run_dir)!r} is a pipeline run: its layers are split over per-rank "
+        raise ValueError(f"memory_layer.from_run={str(run_dir)!r} is a pipeline run: its layers are split over per-rank "
                          "checkpoints, which serving does not read yet (fix: serve a data-parallel run)")
     known = {f.name for f in fields(ProductKeyConfig)}
     table = {k: v for k, v in model.get("product_key", {}).items() if k in known}
@@ -67,7 +70,7 @@ def newest_intact(run_dir: Path):
         except CheckpointCorrupt as e:
             skipped.append(f"step {step}: {e}")
     detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
-    raise ValueError(f"from_run={str(run_dir)!r} has no intact checkpoint{detail} (fix: train with "
+    raise ValueError(f"memory_layer.from_run={str(run_dir)!r} has no intact checkpoint{detail} (fix: train with "
                      "checkpoint.every_steps > 0, or point at another run)")
 
 
@@ -145,13 +148,17 @@ def _memory_blocks(model: nn.Module) -> dict[int, ProductKeyMemory]:
     return {i: b.mlp for i, b in enumerate(getattr(model, "blocks", [])) if isinstance(b.mlp, ProductKeyMemory)}
 
 
-def _copy_into(target: ProductKeyMemory, source: ProductKeyMemory, where: str) -> None:
+def _check_same(target: ProductKeyConfig, source: ProductKeyConfig, where: str) -> None:
     mismatch = [f for f in ("d_model", "heads", "n_keys", "k_dim", "topk", "v_dim", "gated")
-                if getattr(target.cfg, f) != getattr(source.cfg, f)]
+                if getattr(target, f) != getattr(source, f)]
     if mismatch:
         f = mismatch[0]
-        raise ValueError(f"model.product_key.{f}={getattr(target.cfg, f)} but {where} has {f}={getattr(source.cfg, f)} "
-                         f"(fix: set model.product_key.{f} = {getattr(source.cfg, f)!r})")
+        raise ValueError(f"model.product_key.{f}={getattr(target, f)} but {where} has {f}={getattr(source, f)} "
+                         f"(fix: set model.product_key.{f} = {getattr(source, f)!r})")
+
+
+def _copy_into(target: ProductKeyMemory, source: ProductKeyMemory, where: str) -> None:
+    _check_same(target.cfg, source.cfg, where)
     with torch.no_grad():
         for name, tensor in source.state_dict().items():
             target.state_dict()[name].copy_(tensor)
@@ -189,6 +196,36 @@ def init_memory(model: nn.Module, source: str | Path) -> dict[str, Any]:
                          "(MANIFEST.json)")
     origin["sha256"] = {str(i): _sha256(blocks[i]) for i in todo}
     return origin
+
+
+def plan_memory_init(source: str | Path, spec: Any) -> tuple[str, int]:
+    """For ``trainmem launch --init-memory-from``: check the source against the job's model (no tensors
+    read) and return (absolute source, the step whose restore it follows: 0, or the resumed step)."""
+    from trainmem.checkpoint import DurableStore
+
+    path = Path(source).resolve()
+    blocks, want = list(spec.model.memory_layers), spec.model.memory_layer_config()
+    if not blocks:
+        raise ValueError("--init-memory-from: model.memory_layers is empty, so there is no layer to initialise")
+    if (path / SPEC_FILE).is_file():
+        run_blocks = _spec(path).get("model", {}).get("memory_layers", [])
+        common = sorted(set(blocks) & set(run_blocks))
+        if not common:
+            raise ValueError(f"--init-memory-from {source}: the run's memory layers {run_blocks} and the job's "
+                             f"{blocks} share no block (fix: model.memory_layers)")
+        for i in common:
+            _check_same(want, run_layer_config(path, i)[1], f"run {source} block {i}")
+    elif (path / "MANIFEST.json").is_file():
+        layers, chain = served_chain(path)
+        cfg, origin = layers.config(chain)
+        if origin.get("kind") != "run" or origin.get("layer") not in blocks:
+            raise ValueError(f"--init-memory-from {source}: the served layer came from {origin}, not from one of "
+                             f"the job's memory blocks {blocks}")
+        _check_same(want, cfg, f"the layer served from {source}")
+    else:
+        raise ValueError(f"--init-memory-from {source}: neither a run directory (spec.json) nor a memory store "
+                         "(MANIFEST.json)")
+    return str(path), DurableStore(spec.checkpoint_dir).latest_step() or 0
 
 
 def maybe_init_memory(model: nn.Module, model_cfg: Any, restored_step: int) -> dict[str, Any]:

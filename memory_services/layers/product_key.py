@@ -115,6 +115,8 @@ class ProductKeyMemory(nn.Module):
 
     def __init__(self, cfg: ProductKeyConfig):
         super().__init__()
+        if cfg.d_model <= 0:
+            raise ValueError(f"d_model={cfg.d_model} must be set (> 0) before building the layer")
         self.cfg = cfg
         self.query = nn.Linear(cfg.d_model, cfg.heads * cfg.k_dim, bias=False)
         self.keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2))
@@ -145,15 +147,20 @@ class ProductKeyMemory(nn.Module):
     def read_values(self, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return bag(self.values.weight, idx, weights, self.cfg.sparse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        weights, idx = self.lookup(flat)
-        out = self.read_values(weights, idx)
+    def finish(self, flat: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+        """From the values read (N, v_dim) to the layer output: gate and output projection."""
+        out = read
         if self.gate is not None:
             out = out * F.silu(self.gate(flat))
         if self.out is not None:
             out = self.out(out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.lookup(flat)
+        out = self.finish(flat, self.read_values(weights, idx))
         return out.view(*shape[:-1], out.shape[-1])
 
     def value_parameters(self) -> list[nn.Parameter]:
