@@ -134,12 +134,14 @@ class MemoryClient:
 
     # -- search, layer, consolidation ----------------------------------------------------------
     def search(self, queries: np.ndarray, k: int = 10, where: dict | None = None,
-               namespace: str | list[str] | None = None) -> list[list[dict[str, Any]]]:
-        """Entries (with score) nearest each query vector; vectors travel as base64 float32."""
+               namespace: str | list[str] | None = None, include: list[str] | None = None) -> list[list[dict[str, Any]]]:
+        """Entries (with score) nearest each query vector; vectors travel as base64 float32. ``include``
+        names the entry fields wanted besides id and score (default: all)."""
         q = np.asarray(queries, dtype=np.float32)
         out: list[list[dict[str, Any]]] = []
         for s in range(0, len(q), self.max_batch):
-            body = {"queries_b64": _b64(q[s : s + self.max_batch]), "k": k, "where": where, "namespace": namespace}
+            body = {"queries_b64": _b64(q[s : s + self.max_batch]), "k": k, "where": where, "namespace": namespace,
+                    "include": include}
             out += self._call("POST", "/v1/search", body)["results"]
         return out
 

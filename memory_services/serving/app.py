@@ -1,9 +1,9 @@
 """Start the memory services on a Ray cluster with Ray Serve.
 
 ``serve_app(cfg)`` sets up the served layer's chain (from a run, or fresh), resolves where the
-bearer token lives, and deploys: the retriever (``retriever.replicas``), the value shards and the
-layer router, the consolidation scheduler, and the FastAPI ingress bound to ``cfg.http.host``
-(127.0.0.1 by default). The caller owns ``ray.init``; ``shutdown_services`` removes what this started.
+bearer token lives, and deploys: the FastAPI ingress holding the retriever (``retriever.replicas``
+replicas, bound to ``cfg.http.host``, 127.0.0.1 by default), the value shards and the layer
+router, and the consolidation scheduler. The caller owns ``ray.init``; ``shutdown_services`` removes what this started.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..layers.from_run import ensure_layer_chain
 from ..layers.layer_store import LayerStore
 from ..store import MemoryStore
 from .auth import TokenSource, token_source
-from .deployments import ConsolidationBackend, RetrieverBackend
+from .deployments import ConsolidationBackend
 from .http_api import MemoryApi
 from .layer_service import LayerRouter, ValueShard
 
@@ -60,9 +60,9 @@ def serve_app(cfg: ServicesConfig, schedule: bool = True, timeout_s: float = 180
                              "when consolidation.distill is on (fix: embedding_dim, or distill = false)")
     port = cfg.http.port or free_port(cfg.http.host)
     serve.start(http_options={"host": cfg.http.host, "port": port})
-    cpu0 = {"num_cpus": 0}  # glue around FAISS/torch calls: they fit beside a training job
-    retriever = serve.deployment(RetrieverBackend, name="Retriever", num_replicas=cfg.retriever.replicas,
-                                 ray_actor_options=cpu0, max_ongoing_requests=256).bind(cfg)
+    # No reserved CPUs: glue around FAISS/torch calls that fits beside a training job. OpenMP threads
+    # sleep between calls instead of spinning, so they leave the cores to the proxy and other replicas.
+    cpu0 = {"num_cpus": 0, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
     router = None
     if cfg.memory_layer.enabled:
         ml = cfg.memory_layer
@@ -73,7 +73,7 @@ def serve_app(cfg: ServicesConfig, schedule: bool = True, timeout_s: float = 180
                                   max_ongoing_requests=max(256, 2 * ml.max_batch_size)).bind(cfg, *shards)
     consolidation = serve.deployment(ConsolidationBackend, name="Consolidation", ray_actor_options=cpu0,
                                      health_check_period_s=10).bind(cfg, schedule)
-    app = MemoryApi.bind(cfg, token, retriever, router, consolidation, layer_dim)
+    app = MemoryApi.options(num_replicas=cfg.retriever.replicas).bind(cfg, token, router, consolidation, layer_dim)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.http.host}:{port}"
     _wait_healthy(url, timeout_s)

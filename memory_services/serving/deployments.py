@@ -1,6 +1,7 @@
-"""Ray Serve backends of the entry services: the retriever (FAISS over the store) and consolidation.
+"""The entry services' backends: the retriever (FAISS over the store, held by each HTTP ingress
+replica) and the consolidation deployment.
 
-The memory store is the source of truth. A retriever replica follows the store's log before
+The memory store is the source of truth. A retriever follows the store's log before
 answering, so a write acknowledged by anyone is searchable at once. Searches share a
 readers-writer lock (many at a time; only catching up with the log takes it exclusively), are
 fused by ``@serve.batch`` into one FAISS call, and FAISS gets the node's CPUs (Ray pins a
@@ -145,7 +146,8 @@ class RetrieverBackend:
             except Exception as e:  # a full disk must not kill searches; it is reported in stats
                 self.index_info["save_error"] = f"{type(e).__name__}: {e}"
 
-    def __del__(self):  # Serve calls this when it shuts a replica down gracefully
+    def close(self) -> None:
+        """Stop the saver and save what changed (a graceful replica shutdown calls this)."""
         with contextlib.suppress(Exception):
             self._stop.set()
             self.save_index()
@@ -175,11 +177,7 @@ class RetrieverBackend:
         return out
 
     def _entries(self, rows: list[list[tuple[str, float]]]) -> list[list[dict[str, Any]]]:
-        found = {}
-        ids = sorted({h for row in rows for h, _ in row})
-        for entry_id, entry in zip(ids, self.store.get_many(ids)):
-            if entry is not None:
-                found[entry_id] = entry.to_json()
+        found = self.store.entries_json([h for row in rows for h, _ in row])
         return [[{**found[h], "score": s} for h, s in row if h in found] for row in rows]
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -190,9 +188,6 @@ class RetrieverBackend:
         return {**self.store.stats(), "indexed": len(self.retriever), "index": dict(self.index_info),
                 "threads": self.threads}
 
-    def check_health(self) -> None:
-        if not self._saver.is_alive():
-            raise RuntimeError("the index saver thread died")
 
 
 class ConsolidationBackend:

@@ -1,8 +1,8 @@
 """The HTTP API (FastAPI, served as the Ray Serve ingress): memories, search, layer lookups, consolidation.
 
 The ingress reads and writes the memory store itself (its own log-following view: no hop for
-CRUD); searches go to the retriever deployment, lookups to the layer router, consolidation to its
-deployment. Before anything is parsed the ``Gate`` checks the bearer token and bounds the body.
+CRUD) and holds the retriever (the FAISS index, searched in this process: an actor hop costs more
+than a batch-64 search); lookups go to the layer router, consolidation to its deployment. Before anything is parsed the ``Gate`` checks the bearer token and bounds the body.
 Errors are ``{"error": "<one line>"}`` with a 4xx status (401 token, 404 unknown id, 409 version
 or lease conflict, 413 too large, 422 invalid), 503 + Retry-After when a shard or the store lock
 is unavailable (retryable), 500 only for real faults. OpenAPI at /openapi.json, docs at /docs.
@@ -27,6 +27,7 @@ from ..config import ServicesConfig
 from ..embedder import normalize
 from ..store import FilterError, IdempotencyConflict, MemoryStore, VersionConflict, compile_where
 from . import auth
+from .deployments import RetrieverBackend
 from .schemas import (
     AddRequest,
     DeleteRequest,
@@ -96,14 +97,17 @@ async def _store_call(fn, *args, **kwargs):
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class MemoryApi:
-    def __init__(self, cfg: ServicesConfig, token: "auth.TokenSource", retriever, router, consolidation,
-                 layer_dim: int = 0):
+    def __init__(self, cfg: ServicesConfig, token: "auth.TokenSource", router, consolidation, layer_dim: int = 0):
         self.cfg, self.dim, self.layer_dim = cfg, cfg.embedding_dim, layer_dim
         auth.configure(auth.read_token(token), cfg.http.max_body_bytes)
         self.limits = Limits(cfg.http)
-        self.store = MemoryStore(cfg.store_path, cfg.embedding_dim)
-        self.retriever, self.router, self.consolidation = retriever, router, consolidation
+        self.retriever = RetrieverBackend(cfg)
+        self.store = self.retriever.store
+        self.router, self.consolidation = router, consolidation
         self.can_embed = cfg.retriever.embedder != "none"
+
+    def __del__(self):  # Serve calls this on a graceful shutdown: the index is saved
+        self.retriever.close()
 
     # -- helpers ---------------------------------------------------------------------------
     async def _vectors(self, texts: list[str], given: list[Optional[list[float]]], what: str) -> np.ndarray:
@@ -120,7 +124,7 @@ class MemoryApi:
             if not np.linalg.norm(out[i]) > 0:
                 raise HTTPException(422, f"{what}[{i}].embedding is all zeros")
         if missing:
-            out[missing] = await self.retriever.embed.remote([texts[i] for i in missing])
+            out[missing] = await asyncio.to_thread(self.retriever.embed, [texts[i] for i in missing])
         return normalize(out)
 
     def _check_entry(self, text: Optional[str], metadata: Optional[dict], what: str) -> None:
@@ -226,11 +230,15 @@ class MemoryApi:
                 raise HTTPException(422, "texts need an embedder (retriever.embedder='none'): send 'queries' vectors")
             for i, t in enumerate(req.texts):
                 self.limits.text(t, f"texts[{i}]")
-            q = await self.retriever.embed.remote(req.texts)
+            q = await asyncio.to_thread(self.retriever.embed, req.texts)
         else:
             q = matrix(req.queries, req.queries_b64, self.dim, "queries")
             self.limits.batch(len(q), "queries")
-        return {"results": await self.retriever.search.remote((q, req.k, req.where, req.namespace))}
+        results = await self.retriever.search((q, req.k, req.where, req.namespace))
+        if req.include is not None:
+            keep = {"id", "score", *req.include}
+            results = [[{f: v for f, v in hit.items() if f in keep} for hit in row] for row in results]
+        return JSONResponse({"results": results})  # plain JSON: skips FastAPI's per-field encoder
 
     @api.post("/v1/lookup")
     async def lookup(self, req: LookupRequest) -> dict[str, Any]:
@@ -257,7 +265,7 @@ class MemoryApi:
 
     @api.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:
-        out = {"store": await self.retriever.stats.remote(),
+        out = {"store": await asyncio.to_thread(self.retriever.stats),
                "consolidation": await self.consolidation.status.remote()}
         if self.router is not None:
             out["layer"] = await self.router.info.remote()

@@ -106,18 +106,18 @@ class ValueShard:
                 return {"gone": True, "have": self.version}
             current = version == self.version
             if self.by == "rows":
-                tok = torch.from_numpy(payload["tok"]).long()
                 local = torch.from_numpy(payload["local"]).long()
                 w = torch.from_numpy(payload["w"])
-                n = int(payload["n"])
+                counts = torch.from_numpy(payload["counts"]).long()  # this shard's pairs per token, in token order
                 if current:
-                    offsets = torch.zeros(n, dtype=torch.long)
-                    offsets[1:] = torch.bincount(tok, minlength=n).cumsum(0)[:-1]
+                    offsets = torch.zeros(len(counts), dtype=torch.long)
+                    offsets[1:] = counts.cumsum(0)[:-1]
                     out = F.embedding_bag(local, self.table, offsets, per_sample_weights=w.to(self.table.dtype),
                                           mode="sum")
                 else:
+                    tok = torch.repeat_interleave(torch.arange(len(counts)), counts)
                     vals = self._rows_at(version, local)
-                    out = torch.zeros(n, self.table.shape[1], dtype=self.table.dtype).index_add_(
+                    out = torch.zeros(len(counts), self.table.shape[1], dtype=self.table.dtype).index_add_(
                         0, tok, vals * w[:, None].to(vals.dtype))
             else:
                 idx = torch.from_numpy(payload["idx"]).long()
@@ -171,17 +171,18 @@ class LayerRouter:
                 self.version = newest  # every shard holds it now: lookups may ask for it
 
     def _payloads(self, weights: torch.Tensor, idx: torch.Tensor) -> list[dict[str, np.ndarray]]:
-        n = idx.shape[0]
+        """8 bytes per (token, slot) pair: int32 slot, float32 weight (+ int32 pair counts per token by rows)."""
         if self.by == "columns":
-            p = {"idx": idx.numpy().astype(np.int64), "w": weights.numpy()}
+            p = {"idx": idx.to(torch.int32).numpy(), "w": weights.numpy()}
             return [p] * len(self.shards)
-        flat_idx, flat_w = idx.reshape(-1), weights.reshape(-1)
-        tok = torch.arange(n).repeat_interleave(idx.shape[1])
+        if len(self.shards) == 1:
+            return [{"local": idx.reshape(-1).to(torch.int32).numpy(), "w": weights.reshape(-1).numpy(),
+                     "counts": np.full(idx.shape[0], idx.shape[1], np.int32)}]
         out = []
         for r0, r1 in self.row_bounds:
-            sel = (flat_idx >= r0) & (flat_idx < r1)
-            out.append({"tok": tok[sel].numpy().astype(np.int32), "local": (flat_idx[sel] - r0).numpy().astype(np.int64),
-                        "w": flat_w[sel].numpy(), "n": np.int64(n)})
+            sel = (idx >= r0) & (idx < r1)  # row-major: the selected pairs stay in token order
+            out.append({"local": (idx[sel] - r0).to(torch.int32).numpy(), "w": weights[sel].numpy(),
+                        "counts": sel.sum(1).to(torch.int32).numpy()})
         return out
 
     async def _read(self, weights: torch.Tensor, idx: torch.Tensor) -> tuple[int, torch.Tensor]:

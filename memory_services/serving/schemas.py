@@ -12,7 +12,7 @@ import base64
 import binascii
 import math
 import re
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +78,9 @@ class ListRequest(_Body):
     after: Optional[str] = Field(None, max_length=256)
 
 
+ENTRY_FIELDS = ("namespace", "text", "metadata", "version", "created", "updated")
+
+
 class SearchRequest(_Body):
     queries: Optional[list[Vector]] = Field(None, max_length=HARD_LIST)
     queries_b64: Optional[str] = Field(None, max_length=64 << 20)
@@ -85,6 +88,8 @@ class SearchRequest(_Body):
     k: int = Field(10, ge=1)
     namespace: Optional[Union[str, list[str]]] = None
     where: Optional[dict[str, Any]] = None
+    include: Optional[list[Literal["namespace", "text", "metadata", "version", "created", "updated"]]] = Field(
+        None, max_length=6, description="entry fields in each hit besides id and score (default: all)")
 
 
 class LookupRequest(_Body):

@@ -440,6 +440,25 @@ class MemoryStore:
             out = [None if p is None else entry_from_row(self._view.row(p)) for p in rows]
         return [e if e is not None and not e.deleted else None for e in out]
 
+    def entries_json(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Live entries as the HTTP API returns them (no embeddings), read in one vectorized pass."""
+        self.refresh()
+        with self._view_mutex:
+            v = self._view
+            found = sorted({p for p in (v.loc.get(i) for i in ids) if p is not None})
+            table = v.take(np.asarray(found, np.int64)).drop_columns(["embedding"]) if found else None
+        if table is None:
+            return {}
+        cols = table.to_pydict()
+        out = {}
+        for i, entry_id in enumerate(cols["id"]):
+            if cols["deleted"][i]:
+                continue
+            out[entry_id] = {"id": entry_id, "namespace": cols["namespace"][i], "text": cols["text"][i],
+                             "metadata": json.loads(cols["metadata"][i] or "{}"), "version": cols["version"][i],
+                             "created": cols["created"][i], "updated": cols["updated"][i]}
+        return out
+
     def scan(self, since: int = 0, include_deleted: bool = True) -> pa.Table:
         """The newest row of every entry written after watermark ``since`` (tombstones unless told otherwise)."""
         self.refresh()

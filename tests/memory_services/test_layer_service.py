@@ -246,3 +246,26 @@ def test_launch_refuses_a_bad_memory_source_before_starting(tmp_path, capsys):
     job.write_text(f'[model]\nsize = "tiny"\nmemory_layers = [1]\n[train]\nrun_dir = "{tmp_path / "r"}"\n')
     assert launch_cmd.main([str(job), "--init-memory-from", str(tmp_path / "nothing")]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_a_config_mismatch_is_named(cluster, tmp_path):
+    import shutil
+
+    from trainmem.memory_services import ensure_layer_chain, load_run_layer
+    from trainmem.memory_services.layers.from_run import run_layer_config
+
+    run = tmp_path / "run"
+    shutil.copytree(cluster["spec"].run_dir, run)
+    state = run / "checkpoints" / "step-00000010" / "state.safetensors"
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    layer, origin = load_run_layer(run, 1)
+    assert origin["step"] == 5 and "step 10" in origin["skipped"][0] and "checksum" in origin["skipped"][0]
+    cfg = ServicesConfig(store_path=str(tmp_path / "store"), embedding_dim=D,
+                         retriever=RetrieverConfig(embedder="none"),
+                         memory_layer=LayerServiceConfig(from_run=str(run), layer=1, n_keys=64))
+    with pytest.raises(ValueError, match="memory_layer.n_keys=64 but run .* has n_keys=128"):
+        ensure_layer_chain(MemoryStore(cfg.store_path, D), cfg)
+    with pytest.raises(ValueError, match="memory_layer.layer=0 is not a memory layer"):
+        run_layer_config(run, 0)
