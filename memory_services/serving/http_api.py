@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from ..config import ServicesConfig
 from ..embedder import normalize
-from ..store import FilterError, IdempotencyConflict, MemoryStore, VersionConflict, compile_where
+from ..store import FilterError, IdempotencyConflict, VersionConflict, compile_where
 from . import auth
 from .deployments import RetrieverBackend
 from .schemas import (
