@@ -82,6 +82,5 @@ def bench_sparse_dense(s: dict, budget: float) -> dict:
             opt.step()
 
         times["sparse" if sparse else "dense"] = compare({"step": step}, budget)["step"]
-        del layer, opt
     return {"slots": s["big_keys"] ** 2, "cols": s["big_v"], "sparse_step_s": times["sparse"],
             "dense_step_s": times["dense"]}

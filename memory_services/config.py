@@ -117,7 +117,7 @@ class RetrieverConfig:
     threads: int = 0
     """FAISS/OpenMP threads per replica; 0: the CPUs of its node (Ray would otherwise pin it to 1)."""
     max_batch_size: int = 1024
-    """@serve.batch: most queries (summed over requests) fused into one FAISS search."""
+    """@serve.batch: most query vectors (summed over requests) fused into one FAISS search."""
     batch_wait_timeout_s: float = 0.001
     """@serve.batch: how long a search waits for others to join its batch."""
     save_every_s: float = 30.0
@@ -236,10 +236,12 @@ class LayerServiceConfig:
     """With from_run: the block index of that layer (-1: the run's only memory layer)."""
     shards: int = 1
     """Value-table shards, one Serve deployment each; a router holds queries and sub-keys."""
-    shard_by: str = "rows"
-    """How the value table splits over shards: rows (slot ranges) | columns (value dims)."""
+    shard_by: str = "columns"
+    """How the value table splits over shards: columns (value dims; the faster here, docs/benchmarks.md) | rows (slot ranges)."""
     replicas_per_shard: int = 1
     """Serve replicas of each shard (more than 1: a dead replica costs no errors)."""
+    threads: int = 0
+    """torch threads of the router and of each shard replica; 0: the CPUs of its node."""
     d_model: int | None = None
     """Input width of lookups (None: the run's, or 384 for a fresh layer)."""
     heads: int | None = None
@@ -264,6 +266,8 @@ class LayerServiceConfig:
         for name in ("d_model", "heads", "n_keys", "topk"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be >= 0 (0: all CPUs of the node)")
         if self.shard_by not in ("rows", "columns"):
             raise ValueError(f"shard_by={self.shard_by!r} must be 'rows' or 'columns'")
         if self.layer < -1:

@@ -67,6 +67,11 @@ class RWLock:
                 self._cond.notify_all()
 
 
+def queries_in(requests: list[tuple]) -> int:
+    """@serve.batch's size of a batch of searches: query vectors, not requests."""
+    return sum(len(r[0]) for r in requests)
+
+
 def set_threads(requested: int) -> int:
     n = requested or os.cpu_count() or 1
     faiss.omp_set_num_threads(n)
@@ -157,7 +162,7 @@ class RetrieverBackend:
         with self.lock.read():
             return self.retriever.search(queries, k, where, namespace)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=1024, batch_wait_timeout_s=0.001, max_concurrent_batches=2, batch_size_fn=queries_in)
     async def search(self, requests: list[tuple[np.ndarray, int, Any, Any]]) -> list[list[list[dict[str, Any]]]]:
         """Requests with the same (k, filter) are answered by one FAISS search, off the event loop."""
         await asyncio.to_thread(self._sync)

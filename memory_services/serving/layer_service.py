@@ -33,6 +33,11 @@ from ..store import MemoryStore
 from .deployments import set_threads
 
 
+def rows_in(requests: list[np.ndarray]) -> int:
+    """@serve.batch's size of a batch of lookups: rows, not requests."""
+    return sum(len(r) for r in requests)
+
+
 def bounds(n: int, shards: int, shard: int) -> tuple[int, int]:
     """The [start, end) range of shard ``shard`` when n items split into ``shards`` near-equal parts."""
     return shard * n // shards, (shard + 1) * n // shards
@@ -47,7 +52,7 @@ def _chain(store: MemoryStore, key: str) -> LayerChain:
 
 class ValueShard:
     def __init__(self, cfg: ServicesConfig, shard: int):
-        set_threads(cfg.retriever.threads)
+        set_threads(cfg.memory_layer.threads)
         ml = cfg.memory_layer
         self.shard, self.shards, self.by, self.keep = shard, ml.shards, ml.shard_by, ml.keep_versions
         self.store = MemoryStore(cfg.store_path, cfg.embedding_dim)
@@ -137,7 +142,7 @@ class ValueShard:
 
 class LayerRouter:
     def __init__(self, cfg: ServicesConfig, *shards):
-        self.threads = set_threads(cfg.retriever.threads)
+        self.threads = set_threads(cfg.memory_layer.threads)
         ml = cfg.memory_layer
         self.shards, self.by, self.timeout_s = list(shards), ml.shard_by, ml.shard_timeout_s
         self.store = MemoryStore(cfg.store_path, cfg.embedding_dim)
@@ -198,7 +203,8 @@ class LayerRouter:
             return version, read
         raise Unavailable("the layer version kept changing under this lookup; retry")
 
-    @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.002)
+    # Two batches in flight: one computes its top-k here while the shards read the other's values.
+    @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.002, max_concurrent_batches=2, batch_size_fn=rows_in)
     async def lookup(self, requests: list[np.ndarray]) -> list[dict[str, Any]]:
         """Many requests' vectors through one top-k pass and one call per shard, split back per request."""
         sizes = [len(r) for r in requests]
