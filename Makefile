@@ -4,9 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean system-deps
 
-$(STAMP): pyproject.toml constraints.txt
+# Debian packages the code needs: libaio headers for DeepSpeed's NVMe swapper (the ZeRO-Infinity anchor of
+# `trainmem bench placement`). apt-get runs only when the header is missing; CI runs as root.
+system-deps:
+	@test -f /usr/include/libaio.h || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev; \
+	  else sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev; fi; }
+
+$(STAMP): pyproject.toml constraints.txt | system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
@@ -14,8 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The demo loses rank 1 to SIGKILL halfway; the summary shows the recovery. `make demo NO_FAILURE=1`: a plain run.
 demo: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/trainmem launch examples/demo.toml --workers 2 --steps 50
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/trainmem launch examples/demo.toml --workers 2 --steps 50 \
+	  $(if $(NO_FAILURE),,--inject-failure rank=1,step=25,kind=kill)
 
 test: $(STAMP)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q --durations=15

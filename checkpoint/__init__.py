@@ -4,6 +4,8 @@ Tiers, fastest first: in-memory erasure-coded snapshots kept by per-node holders
 (:class:`SnapshotWriter` → :class:`SnapshotHolder` shared memory, committed by
 :class:`SnapshotCoordinator`; in a job: :class:`SnapshotService` + :class:`RankSnapshots`),
 the zstd flush tier (:class:`FlushStore`), and the durable safetensors tier (:class:`DurableStore`).
+A restart walks every tier's candidates newest step first (:mod:`.restore`) until every rank
+reads an intact one.
 
 Names are imported on first use, so a holder process (or ``trainmem config``) does not pay
 for torch when it only needs numpy and Ray.
@@ -18,7 +20,9 @@ _WHERE = {
     "CheckpointCorrupt": "durable", "DurableStore": "durable", "LoadedCheckpoint": "durable",
     "SnapshotWriter": "capture", "SnapshotError": "capture",
     "SnapshotCoordinator": "coordinator",
-    "HolderSet": "holder", "SnapshotHolder": "holder", "start_holders": "holder", "cleanup_segments": "holder",
+    "SnapshotHolder": "holder", "HolderFull": "holder",
+    "HolderSet": "holder_set", "HolderStartError": "holder_set", "start_holders": "holder_set",
+    "cleanup_segments": "segments", "reclaim_orphans": "segments",
     "RSCodec": "isal", "ErasureError": "isal",
     "SnapshotLayout": "layout", "capture_rng_states": "layout", "restore_rng_states": "layout", "unpack": "layout",
     "assignment": "placement", "node_loss_tolerance": "placement",
@@ -26,7 +30,10 @@ _WHERE = {
     "reencode": "recovery",
     "FlushStore": "flush", "FlushedRank": "flush", "FlushedSnapshot": "flush", "SnapshotFlusher": "flush",
     "dp_source_rank": "reshard", "flat_shard": "reshard", "reshard_flat": "reshard", "reshard_states": "reshard",
-    "SnapshotService": "session", "RankSnapshots": "session", "PLAN_FILE": "session",
+    "Candidate": "restore", "disk_candidates": "restore", "durable_reader": "restore", "existing_state": "restore",
+    "flush_reader": "restore", "ordered": "restore",
+    "SnapshotService": "session", "RankSnapshots": "rank",
+    "flatten_training_state": "state", "restore_training_state": "state",
 }
 
 __all__ = ["CheckpointConfig", "ECConfig", *_WHERE]

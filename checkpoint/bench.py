@@ -42,7 +42,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--m", type=int, default=1, help="erasure-coding parity fragments")
     p.add_argument("--ec-mb", type=int, default=None, help="bytes encoded for the EC/memcpy figures, MiB")
     p.add_argument("--job-size", default="small", help="model of the whole-job kill/restart runs (default small)")
-    p.add_argument("--no-jobs", action="store_true", help="skip the whole-job kill/restart runs (--quick skips them)")
+    p.add_argument("--no-jobs", action="store_true", help="skip the whole-job kill/restart runs (then no lost_steps)")
     return p.parse_args(argv)
 
 
@@ -225,7 +225,10 @@ def measure_job_recovery(size: str, steps: int, kill_step: int, snapshot_every: 
     done_before = max(m["step"] for m in metrics if m["attempt"] == 0)
     restored = first.get("restored", {"step": 0, "time": float("nan"), "tier": "none"})
     return {"kill_to_restored_s": restored["time"] - killed_at, "kill_to_resumed_s": first["resumed"]["time"] - killed_at,
-            "lost_steps": done_before - restored["step"], "tier": restored["tier"]}
+            "lost_steps": done_before - restored["step"], "tier": restored["tier"], "size": size,
+            "killed": {"rank": first["failure_injected"]["rank"], "step": first["failure_injected"]["step"],
+                       "kind": first["failure_injected"]["kind"]},
+            "detected": first["failure_detected"]["kind"]}
 
 
 def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
     from .coordinator import SnapshotCoordinator
     from .capture import SnapshotWriter
-    from .holder import start_holders
+    from .holder_set import start_holders
 
     size = args.size or ("tiny" if args.quick else "base")
     steps = args.steps or 3
@@ -283,10 +286,11 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         if started:
             ray.shutdown()
     jobs: dict[str, Any] = {}
-    if not (args.quick or args.no_jobs):
+    if not args.no_jobs:  # lost steps are only ever measured from a real trainer SIGKILL in a launched job
+        job_size, steps, kill = ("tiny", 10, 7) if args.quick else (args.job_size, 18, 14)
         with tempfile.TemporaryDirectory(prefix="tm-ckjobs-") as tmp:
-            jobs["snapshot"] = measure_job_recovery(args.job_size, 18, 14, snapshot_every=1, every_steps=0, tmp=tmp)
-            jobs["disk"] = measure_job_recovery(args.job_size, 18, 14, snapshot_every=0, every_steps=10, tmp=tmp)
+            jobs["snapshot"] = measure_job_recovery(job_size, steps, kill, snapshot_every=1, every_steps=0, tmp=tmp)
+            jobs["disk"] = measure_job_recovery(job_size, steps, kill, snapshot_every=0, every_steps=5, tmp=tmp)
     params = sum(p.numel() for p in model.parameters())
     ours = statistics.median(blocked)
     overhead = sum(snap_s) / sum(base_s) - 1  # means, so the flush charged to a block's last step counts
@@ -302,7 +306,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         "recover_trainer_s": (jobs["snapshot"]["kill_to_resumed_s"] if jobs else rec["recover_trainer_s"]),
         "recover_node_s": rec["recover_node_s"],
         "recovery_scope": {
-            "recover_trainer_s": (f"whole job ({args.job_size} GPT, 2 workers): SIGKILL -> first step after restart"
+            "recover_trainer_s": (f"whole job ({jobs['snapshot']['size']} GPT, 2 workers): SIGKILL -> first step after restart"
                                   if jobs else "library: holder fetch + load into model/optimizer"),
             "recover_node_s": "library: lost home holder -> plan + decode from survivors + load; excludes actor restart",
         },
@@ -310,7 +314,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                               "disk": rec["recover_disk_s"]},
         "disk_save_s": rec["disk_save_s"],
         "jobs": jobs,
-        "lost_steps": jobs["snapshot"]["lost_steps"] if jobs else last - rec["restored_step"],
+        "lost_steps": jobs["snapshot"]["lost_steps"] if jobs else None,
         "lost_steps_disk": jobs["disk"]["lost_steps"] if jobs else None,
         "node_loss_decoded": rec["node_decoded"],
     }

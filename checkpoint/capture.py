@@ -10,6 +10,11 @@ Two staging slots are preallocated and pre-faulted once (fresh allocations page-
 ~10x slower than reused buffers here). A sender thread erasure-codes a staged slot into its
 preallocated parity rows (ISA-L, in place), checksums every fragment and ships them to holders;
 only when every holder acknowledged is the step "prepared" (phase one of the commit).
+
+Holder trouble never stops training: a holder that dies or stops answering is left out and the
+step's fragments are placed again on the holders that remain; a step that cannot be stored at all
+(no holder left, holders full) or whose slot is still busy is skipped and reported
+(``snapshot_skipped``), and the next step is tried as usual. Only ``strict`` mode waits instead.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import numpy as np
 import ray
 import torch
 
-from .holder import HolderSet, checksum, write_file
+from .holder_set import HolderSet
 from .isal import RSCodec
+from .segments import checksum, write_file
 from .layout import SnapshotLayout, capture_rng_states, dumps, tensor_views
 from .placement import assignment
 
@@ -72,9 +78,14 @@ class SnapshotWriter:
         m: int,
         put_timeout_s: float = 60.0,
         on_prepared: Callable[[int, int], None] | None = None,
+        on_event: Callable[..., None] | None = None,
+        strict: bool = False,
     ):
         self.rank, self.holders, self.home, self.k, self.m = rank, holders, home, k, m
         self.put_timeout_s = put_timeout_s
+        self.strict = strict
+        self.on_event = on_event or (lambda name, **fields: None)
+        self.skipped = 0
         self.codec = RSCodec(k, m)
         self.on_prepared = on_prepared
         self.layout: SnapshotLayout | None = None
@@ -107,10 +118,13 @@ class SnapshotWriter:
         tensors = {name: t.detach() for name, t in tensors.items()}
         self._ensure_slots(tensors)
         slot = self._slots[self._next]
+        if not slot.free.wait(self.put_timeout_s if self.strict else 0):
+            if self.strict:
+                raise SnapshotError(f"rank {self.rank} step {step}: staging slot still busy after "
+                                    f"{self.put_timeout_s:g}s (holders not acknowledging?)")
+            self._skip(step, "the previous snapshot is still being stored")
+            return time.perf_counter() - t0
         self._next = (self._next + 1) % len(self._slots)
-        if not slot.free.wait(self.put_timeout_s):
-            raise SnapshotError(f"rank {self.rank} step {step}: staging slot still busy after {self.put_timeout_s:g}s "
-                                "(holders not acknowledging?)")
         slot.free.clear()
         full_meta = {"user": meta or {}, "rng": capture_rng_states()}
         job = _Job(step, slot, tensors, full_meta)
@@ -143,7 +157,15 @@ class SnapshotWriter:
         for t in self._threads:
             t.join(timeout=10)
 
+    def set_holders(self, holders: HolderSet, home: int) -> None:
+        """The driver replaced or added holders: later snapshots go to this set."""
+        self.holders, self.home = holders, home
+
     # ---- internals ---------------------------------------------------------------------------
+    def _skip(self, step: int, reason: str) -> None:
+        self.skipped += 1
+        self.on_event("snapshot_skipped", rank=self.rank, step=step, reason=reason)
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:  # stays failed: later steps are never stored past a failed one
             raise SnapshotError(str(self._error)) from self._error
@@ -205,16 +227,16 @@ class SnapshotWriter:
         self._yield_to_training()
         while (job := self._send_q.get()) is not None:
             try:
-                if self._failed:  # in order or not at all: never report a step past a failed one
-                    continue
                 self._encode_and_store(job)
                 self._prepared = job.step
                 if self.on_prepared is not None:
                     self.on_prepared(self.rank, job.step)
-            except BaseException as e:
+            except SnapshotError as e:  # holders lost or full: this step is skipped, training goes on
+                self._skip(job.step, str(e))
+            except BaseException as e:  # a bug here, not a holder: surfaced at the next capture()
                 self._failed = True
-                self._error = e if isinstance(e, SnapshotError) else SnapshotError(
-                    f"rank {self.rank} step {job.step}: storing the snapshot failed: {e}")
+                self._error = SnapshotError(f"rank {self.rank} step {job.step}: storing the snapshot failed: "
+                                            f"{type(e).__name__}: {e}")
             finally:
                 job.slot.free.set()
 
@@ -231,38 +253,58 @@ class SnapshotWriter:
 
 
 def store_fragments(holders: HolderSet, home: int, step: int, rank: int, meta_json: str, sums: list[int],
-                    rows: list[np.ndarray], k: int, m: int, timeout_s: float) -> None:
-    """Ship fragments to their holders (placement over live holders), wait for every ack, then vote.
+                    rows: list[np.ndarray], k: int, m: int, timeout_s: float) -> dict[int, list[int]]:
+    """Ship fragments to their holders, wait for every ack, then vote; returns the placement used.
 
     A holder on this node gets its fragments written straight into its shared-memory segments;
-    one elsewhere gets them through Ray's object store (verified on arrival).
+    one elsewhere gets them through Ray's object store (verified on arrival). A holder that fails
+    (dead, no answer within ``timeout_s``, full) is left out and the placement is made again over
+    the rest; SnapshotError when no placement can be stored.
     """
     here = ray.get_runtime_context().get_node_id()
-    place = assignment(home, holders.alive(), k, m)
+    excluded: set[int] = set()
+    errors: list[str] = []
+    while True:
+        targets = [h for h in holders.writable() if h not in excluded]
+        if not targets:
+            raise SnapshotError(f"rank {rank} step {step}: no snapshot holder could store it ({'; '.join(errors)})")
+        place = assignment(home if home in targets else targets[rank % len(targets)], targets, k, m)
+        failed = _store_once(holders, place, here, step, rank, meta_json, sums, rows, timeout_s)
+        if not failed:
+            return place
+        excluded |= set(failed)
+        errors += [f"{holders.node_ids[h][:12]}: {why}" for h, why in failed.items()]
+
+
+def _store_once(holders: HolderSet, place: dict[int, list[int]], here: str, step: int, rank: int, meta_json: str,
+                sums: list[int], rows: list[np.ndarray], timeout_s: float) -> dict[int, str]:
+    """One placement attempt; {holder: why it failed} (empty when every fragment and a vote landed)."""
+    failed: dict[int, str] = {}
+
+    def collect(refs: dict[int, Any], what: str) -> dict[int, Any]:
+        ok = {}
+        for h, reply in holders.gather(refs, what, timeout_s).items():
+            if isinstance(reply, BaseException):
+                failed[h] = f"{what}: {type(reply).__name__}: {str(reply).splitlines()[0][:160] if str(reply) else ''}"
+            else:
+                ok[h] = reply
+        return ok
+
     local = {h: js for h, js in place.items() if holders.node_ids[h] == here}
     nbytes = rows[0].nbytes
-
-    def call(h: int, ref, what: str):
-        try:
-            return ray.get(ref, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise SnapshotError(f"rank {rank} step {step}: holder on node {holders.node_ids[h]} "
-                                f"did not {what} within {timeout_s:g}s") from None
-        except ray.exceptions.RayError as e:
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise SnapshotError(f"rank {rank} step {step}: holder on node {holders.node_ids[h]} failed to {what}: "
-                                f"{type(e).__name__}: {first}") from None
-
-    refs = {h: holders.handles[h].put.remote(step, rank, meta_json, sums, {j: rows[j] for j in js})
+    puts = {h: holders.handles[h].put.remote(step, rank, meta_json, sums, {j: rows[j] for j in js})
             for h, js in place.items() if h not in local}
-    reserved = {h: holders.handles[h].reserve.remote(step, rank, js, nbytes) for h, js in local.items()}
-    for h, ref in reserved.items():
-        paths = call(h, ref, "reserve segments")
+    reserved = collect({h: holders.handles[h].reserve.remote(step, rank, js, nbytes) for h, js in local.items()},
+                       "reserve segments")
+    adopts = {}
+    for h, paths in reserved.items():
         for j, path in paths.items():
             write_file(path, rows[j])
-        refs[h] = holders.handles[h].adopt.remote(step, rank, meta_json, paths)
-    for h, ref in refs.items():
-        call(h, ref, "acknowledge fragments")
-    votes = {h: holders.handles[h].vote.remote(step, rank) for h in place}
-    for h, ref in votes.items():
-        call(h, ref, "record the vote")
+        adopts[h] = holders.handles[h].adopt.remote(step, rank, meta_json, paths)
+    collect({**puts, **adopts}, "acknowledge fragments")
+    if failed:
+        return failed
+    voted = collect({h: holders.handles[h].vote.remote(step, rank) for h in place}, "record the vote")
+    if not voted:
+        return failed or {h: "record the vote: no holder answered" for h in place}
+    return {}

@@ -36,7 +36,11 @@ class CheckpointConfig:
     flush_every: int = 0
     """Flush every Nth complete in-memory snapshot to <dir>/snap-* (zstd, in the background); 0: never."""
     holder_timeout_s: float = 30.0
-    """Timeout for every snapshot-holder call (store, commit, fetch); a holder slower than this is declared lost."""
+    """Deadline for snapshot-holder calls (store, fetch, restore); a holder slower than this is left out until it answers again."""
+    holder_bytes: int = 0
+    """Shared-memory bytes each node's snapshot holder may use; 0 = 90% of /dev/shm free at start. Checked against /dev/shm at start."""
+    snapshot_strict: bool = False
+    """Wait for the previous snapshot to be stored instead of skipping this step's (event snapshot_skipped)."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
@@ -51,3 +55,5 @@ class CheckpointConfig:
             raise ValueError(f"flush_every={self.flush_every} needs snapshot_every > 0 (it flushes snapshots)")
         if not self.holder_timeout_s > 0:
             raise ValueError(f"holder_timeout_s={self.holder_timeout_s} must be > 0")
+        if self.holder_bytes < 0:
+            raise ValueError(f"holder_bytes={self.holder_bytes} must be >= 0 (0: 90% of /dev/shm free)")

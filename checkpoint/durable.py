@@ -12,6 +12,8 @@ replaced the same way. Loading verifies each file's sha256 before parsing it.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -65,6 +67,33 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` to ``final`` so that ``final`` never stops existing.
+
+    A step that is written again (a replay after a restore from an older step) may be the one a
+    LATEST marker names: swap the two folders atomically (``renameat2(RENAME_EXCHANGE)``), then
+    delete the old one, now under the temporary name. A crash at any point leaves ``final`` whole.
+    """
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    rc = _libc.renameat2(-100, os.fsencode(tmp), -100, os.fsencode(final), _RENAME_EXCHANGE)  # AT_FDCWD
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, f"cannot swap {tmp} into {final}: {os.strerror(err)}")
+        # No atomic exchange here (old kernel or filesystem): the old copy is replaced in two renames.
+        aside = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        tmp = aside
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_step_marker(marker: Path) -> int | None:
     """The step a LATEST-style marker file names; None if there is none yet."""
     if not marker.exists():
@@ -93,12 +122,12 @@ class DurableStore:
         self.root = Path(root)
         self.keep = keep
 
-    def _step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self._step_dir(step)
+        final = self.step_dir(step)
         tmp = self.root / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -114,18 +143,17 @@ class DurableStore:
         }
         atomic_write_text(tmp / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         _fsync_dir(self.root)
-        atomic_write_text(self.root / _LATEST, str(step))
         self._prune()
+        # LATEST names the newest durable step; a replayed older save does not move it back.
+        atomic_write_text(self.root / _LATEST, str(max(self.steps())))
         return final
 
     def _prune(self) -> None:
         steps = self.steps()
         for step in steps[: max(0, len(steps) - self.keep)]:
-            shutil.rmtree(self._step_dir(step), ignore_errors=True)
+            shutil.rmtree(self.step_dir(step), ignore_errors=True)
 
     def steps(self) -> list[int]:
         if not self.root.exists():
@@ -147,7 +175,7 @@ class DurableStore:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        folder = self._step_dir(step)
+        folder = self.step_dir(step)
         manifest = read_manifest(folder / _MANIFEST, "trainmem-durable-v1", step)
         for name, info in manifest["files"].items():
             path = folder / name

@@ -25,7 +25,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text, read_manifest, read_step_marker
+from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text, read_manifest, read_step_marker, replace_dir
 from .layout import SnapshotLayout
 
 _FORMAT = "trainmem-snapshot-v1"
@@ -56,7 +56,8 @@ class FlushStore:
     def _dir(self, step: int) -> Path:
         return self.root / f"snap-{step:08d}"
 
-    def write(self, step: int, ranks: dict[int, FlushedRank]) -> Path:
+    def write(self, step: int, ranks: dict[int, FlushedRank], world: int | None = None) -> Path:
+        """Flush ``ranks`` (old rank -> snapshot; replicas need only one) of a job of ``world`` ranks."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-snap-{step:08d}-{os.getpid()}-{threading.get_ident()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,13 +82,11 @@ class FlushStore:
                 "zst_bytes": (tmp / name).stat().st_size, "zst_sha256": sha.hexdigest(),
                 "layout": r.layout.to_json(), "meta": r.meta,
             }
-        manifest = {"format": _FORMAT, "step": step, "world": len(ranks), "ranks": entries}
+        manifest = {"format": _FORMAT, "step": step, "world": world or len(ranks), "ranks": entries}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, sort_keys=True))
         _fsync_dir(tmp)
         final = self._dir(step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         _fsync_dir(self.root)
         atomic_write_text(self.root / _LATEST, str(step))
         for old in self.steps()[: -self.keep]:
@@ -104,7 +103,7 @@ class FlushStore:
         return read_step_marker(self.root / _LATEST)
 
     def load_manifest_world(self, step: int) -> int:
-        return int(json.loads((self._dir(step) / "manifest.json").read_text())["world"])
+        return int(read_manifest(self._dir(step) / "manifest.json", _FORMAT, step)["world"])
 
     def load(self, step: int | None = None, ranks: list[int] | None = None) -> FlushedSnapshot | None:
         step = self.latest_step() if step is None else step
@@ -155,8 +154,10 @@ class SnapshotFlusher:
 
     def __init__(self, store: FlushStore, every_steps: int, world: int,
                  fetch: Callable[[int, int], FlushedRank], events: Callable[[dict], None] | None = None,
-                 pin: Callable[[int, bool], None] | None = None):
+                 pin: Callable[[int, bool], None] | None = None, ranks: list[int] | None = None):
+        """``ranks``: the ranks whose snapshots are written (one per replica group); default all."""
         self.store, self.every_steps, self.world, self.fetch = store, every_steps, world, fetch
+        self.ranks = list(range(world)) if ranks is None else list(ranks)
         self._events = events or (lambda e: None)
         self._pin = pin or (lambda step, on: None)
         self._thread: threading.Thread | None = None
@@ -177,8 +178,8 @@ class SnapshotFlusher:
 
     def _run(self, step: int) -> None:
         try:
-            ranks = {r: self.fetch(step, r) for r in range(self.world)}
-            path = self.store.write(step, ranks)
+            ranks = {r: self.fetch(step, r) for r in self.ranks}
+            path = self.store.write(step, ranks, self.world)
             self.flushed.append(step)
             self._events({"event": "checkpoint.flushed", "step": step, "path": str(path)})
         except BaseException as e:  # reported, and the next due flush tries again

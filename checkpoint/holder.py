@@ -7,72 +7,29 @@ name and renamed, so a half-written fragment is never visible under its final na
 is indexed only after its xxh3 checksum matches the writer's; readers verify it again.
 
 A holder keeps the newest ``keep`` committed steps and frees everything older, including steps
-that never committed (torn snapshots). Steps newer than the newest commit stay until decided.
+that never committed (torn snapshots) and segments reserved by a writer that died before it
+adopted them. Its memory is accounted in bytes against ``max_bytes``: a put that would pass the
+cap is refused with :class:`HolderFull` (the writer skips that snapshot; training goes on).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import tempfile
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
-import xxhash
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .segments import (checksum, claim, cleanup_segments, read_file_into, reclaim_orphans, shm_free_bytes, shm_root,
+                       write_file)
+
+_VOTE_HISTORY = 64
 
 
-def shm_root() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-def segment_glob(prefix: str) -> str:
-    return os.path.join(shm_root(), f"{prefix}-*")
-
-
-def cleanup_segments(prefix: str) -> int:
-    """Unlink a dead holder's segments (they outlive its process on tmpfs); returns how many."""
-    n = 0
-    for path in glob.glob(segment_glob(prefix)):
-        try:
-            os.unlink(path)
-            n += 1
-        except FileNotFoundError:
-            pass
-    return n
-
-
-def checksum(buf: np.ndarray) -> int:
-    return xxhash.xxh3_64_intdigest(memoryview(np.ascontiguousarray(buf)).cast("B"))
-
-
-def write_file(path: str, row: np.ndarray) -> None:
-    """Write ``row`` into an existing (pre-allocated) segment file, in place."""
-    view = memoryview(np.ascontiguousarray(row).reshape(-1).view(np.uint8))
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        off = 0
-        while off < len(view):
-            off += os.pwrite(fd, view[off:], off)
-    finally:
-        os.close(fd)
-
-
-def read_file_into(path: str, out: np.ndarray) -> bool:
-    """Read a segment into ``out``; False if it is shorter than ``out`` (truncated)."""
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    with open(path, "rb", buffering=0) as f:
-        off = 0
-        while off < len(view):
-            n = f.readinto(view[off:])
-            if not n:
-                return False
-            off += n
-    return True
+class HolderFull(RuntimeError):
+    """Storing would pass the holder's byte cap (``checkpoint.holder_bytes``) or /dev/shm's free space."""
 
 
 class SnapshotHolder:
@@ -86,21 +43,33 @@ class SnapshotHolder:
 
     _POOL_MAX = 64
 
-    def __init__(self, prefix: str, keep: int):
+    def __init__(self, prefix: str, keep: int, max_bytes: int = 0):
         self.prefix, self.keep = prefix, keep
         self._lock = threading.Lock()
         self._frags: dict[tuple[int, int, int], str] = {}
         self._meta: dict[tuple[int, int], str] = {}
+        self._reserved: dict[str, tuple[int, int]] = {}  # path -> (step, rank) until adopted
+        self._sizes: dict[str, int] = {}  # every segment this holder owns -> bytes
         self._committed: list[int] = []
-        self._votes: dict[int, int] = {}
+        self._votes: dict[int, list[int]] = {}  # rank -> recent steps it stored, ascending
         self._pinned: set[int] = set()
         self._pool: dict[int, list[str]] = {}
         self._serial = 0
-        cleanup_segments(prefix)  # a previous holder of this name on this node left only garbage
+        cleanup_segments(prefix)  # a previous holder of this name left only garbage
+        claim(prefix)
+        self.reclaimed = reclaim_orphans()
+        free = shm_free_bytes()
+        if max_bytes and max_bytes > free:
+            raise HolderFull(f"checkpoint.holder_bytes={max_bytes} but {shm_root()} has {free} bytes free on node "
+                             f"{ray.get_runtime_context().get_node_id()[:12]} (fix: lower checkpoint.holder_bytes, "
+                             "or enlarge /dev/shm)")
+        self.max_bytes = max_bytes or int(free * 0.9)
 
     def ping(self) -> dict[str, Any]:
         with self._lock:
-            return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "fragments": len(self._frags)}
+            return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "fragments": len(self._frags),
+                    "bytes": sum(self._sizes.values()), "max_bytes": self.max_bytes,
+                    "reclaimed_segments": sum(self.reclaimed.values())}
 
     # ---- segments ---------------------------------------------------------------------------
     def _final(self, step: int, rank: int, j: int) -> str:
@@ -111,28 +80,64 @@ class SnapshotHolder:
         with self._lock:
             pooled = self._pool.get(nbytes)
             path = pooled.pop() if pooled else None
+            if path is None:
+                self._make_room(nbytes)
+                self._sizes[name] = nbytes  # counted before allocating: concurrent puts see it
+            else:
+                self._sizes[name] = self._sizes.pop(path)
         if path is not None:
             os.rename(path, name)
             return name
-        fd = os.open(name, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
         try:
-            os.posix_fallocate(fd, 0, max(1, nbytes))  # allocate the tmpfs pages now, not while copying
-        finally:
-            os.close(fd)
+            fd = os.open(name, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, max(1, nbytes))  # allocate the tmpfs pages now, not while copying
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._forget(name)
+            raise HolderFull(f"holder {self.prefix}: cannot allocate {nbytes} bytes in {shm_root()}: {e}") from None
         return name
+
+    def _make_room(self, nbytes: int) -> None:
+        """Under the lock: unlink pooled segments until ``nbytes`` more fit under the cap, else HolderFull."""
+        used = sum(self._sizes.values())
+        while used + nbytes > self.max_bytes and self._pool:
+            size, paths = next(iter(self._pool.items()))
+            path = paths.pop()
+            if not paths:
+                del self._pool[size]
+            used -= self._sizes.pop(path, 0)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if used + nbytes > self.max_bytes:
+            raise HolderFull(f"holder {self.prefix}: {nbytes} more bytes would pass its cap of {self.max_bytes} "
+                             f"({used} in use; fix: raise checkpoint.holder_bytes or lower checkpoint.keep)")
+
+    def _forget(self, path: str) -> None:
+        with self._lock:
+            self._sizes.pop(path, None)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     def _release(self, path: str) -> None:
         """Return a segment to the pool (or unlink it when the pool is full)."""
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            return
         with self._lock:
-            pooled = sum(len(v) for v in self._pool.values())
-            self._serial += 1
-            target = os.path.join(shm_root(), f"{self.prefix}-pool-{self._serial}")
-        if pooled >= self._POOL_MAX:
-            os.unlink(path)
+            size = self._sizes.get(path)
+            if size is None:
+                return
+            if sum(len(v) for v in self._pool.values()) >= self._POOL_MAX:
+                target = None
+            else:
+                self._serial += 1
+                target = os.path.join(shm_root(), f"{self.prefix}-pool-{self._serial}")
+                self._sizes[target] = self._sizes.pop(path)
+        if target is None:
+            self._forget(path)
             return
         os.rename(path, target)
         with self._lock:
@@ -146,13 +151,21 @@ class SnapshotHolder:
             self._release(old)
         os.rename(path, final)  # atomic: a half-written fragment never appears under its final name
         with self._lock:
+            self._sizes[final] = self._sizes.pop(path)
+            self._reserved.pop(path, None)
             self._frags[(step, rank, j)] = final
             self._meta[(step, rank)] = meta_json
 
     # ---- storing ----------------------------------------------------------------------------
     def reserve(self, step: int, rank: int, indices: list[int], nbytes: int) -> dict[int, str]:
         """Segments a same-node writer fills directly; then it calls :meth:`adopt`."""
-        return {j: self._acquire(nbytes, self._final(step, rank, j) + ".tmp") for j in indices}
+        out = {}
+        for j in indices:
+            path = self._acquire(nbytes, self._final(step, rank, j) + ".tmp")
+            with self._lock:
+                self._reserved[path] = (step, rank)
+            out[j] = path
+        return out
 
     def adopt(self, step: int, rank: int, meta_json: str, paths: dict[int, str]) -> int:
         for j, path in paths.items():
@@ -174,11 +187,15 @@ class SnapshotHolder:
     def vote(self, step: int, rank: int) -> None:
         """Phase one, logged: ``rank`` has every fragment of ``step`` acknowledged."""
         with self._lock:
-            self._votes[rank] = max(step, self._votes.get(rank, -1))
+            steps = self._votes.setdefault(rank, [])
+            if step not in steps:
+                steps.append(step)
+                steps.sort()
+                del steps[:-_VOTE_HISTORY]
 
-    def votes(self) -> dict[int, int]:
+    def votes(self) -> dict[int, list[int]]:
         with self._lock:
-            return dict(self._votes)
+            return {r: list(s) for r, s in self._votes.items()}
 
     # ---- deciding and freeing -----------------------------------------------------------------
     def commit(self, step: int) -> list[int]:
@@ -199,7 +216,7 @@ class SnapshotHolder:
         """The job restarts from ``step`` (None: from scratch): forget later votes and fragments."""
         limit = -1 if step is None else step
         with self._lock:
-            self._votes = {r: min(s, limit) for r, s in self._votes.items() if limit >= 0}
+            self._votes = {r: [s for s in v if s <= limit] for r, v in self._votes.items()}
             self._committed = [s for s in self._committed if s <= limit]
         self._drop(lambda s: s > limit)
 
@@ -209,6 +226,10 @@ class SnapshotHolder:
             paths = [self._frags.pop(key) for key in doomed]
             for key in [k for k in self._meta if doomed_step(k[0]) and k[0] not in self._pinned]:
                 del self._meta[key]
+            # reserved by a writer that never adopted them (it died, or gave the step up)
+            paths += [p for p, (s, _) in self._reserved.items() if doomed_step(s) and s not in self._pinned]
+            for p in paths:
+                self._reserved.pop(p, None)
         for path in paths:
             self._release(path)
 
@@ -219,7 +240,8 @@ class SnapshotHolder:
         with self._lock:
             items = list(self._frags.items())
             metas = dict(self._meta)
-            out = {"committed": list(self._committed), "votes": dict(self._votes), "corrupt": []}
+            out = {"committed": list(self._committed), "votes": {r: list(v) for r, v in self._votes.items()},
+                   "corrupt": []}
         frags: dict[str, list[int]] = {}
         for (step, rank, j), path in items:
             if step == verify_step:
@@ -262,87 +284,6 @@ class SnapshotHolder:
             self._frags.clear()
             self._meta.clear()
             self._pool.clear()
+            self._sizes.clear()
+            self._reserved.clear()
         return cleanup_segments(self.prefix)
-
-
-@dataclass
-class HolderSet:
-    """The holders of a job, one per node, in a fixed order (placement indexes into it)."""
-
-    node_ids: list[str]
-    handles: list[Any]
-    prefixes: list[str]
-    dead: set[int] = field(default_factory=set)
-    names: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.handles)
-
-    def alive(self) -> list[int]:
-        return [i for i in range(len(self.handles)) if i not in self.dead]
-
-    def index_of_node(self, node_id: str) -> int | None:
-        try:
-            return self.node_ids.index(node_id)
-        except ValueError:
-            return None
-
-    def check(self, timeout_s: float = 5.0) -> list[int]:
-        """Ping every holder believed alive; marks and returns the newly dead (and frees their segments)."""
-        indices = self.alive()
-        refs = [self.handles[i].ping.remote() for i in indices]
-        newly = []
-        for i, ref in zip(indices, refs):
-            try:
-                ray.get(ref, timeout=timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                self.dead.add(i)  # unresponsive: not used any more, but its memory is left alone
-                newly.append(i)
-            except ray.exceptions.RayError:
-                self.dead.add(i)
-                cleanup_segments(self.prefixes[i])  # same-machine simulation: the node's tmpfs is gone too
-                newly.append(i)
-        return newly
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        refs = [self.handles[i].close.remote() for i in self.alive()]
-        try:
-            ray.get(refs, timeout=timeout_s)
-        except ray.exceptions.RayError:
-            pass
-        for i, prefix in enumerate(self.prefixes):
-            cleanup_segments(prefix)
-            try:
-                ray.kill(self.handles[i])
-            except Exception:  # already gone
-                pass
-
-
-def start_holders(node_ids: list[str], run_id: str, keep: int, timeout_s: float = 60.0,
-                  first_index: int = 0) -> HolderSet:
-    """Start one holder per node (before any trainer) and wait until each answers.
-
-    Holders are named actors ``tmck-<run_id>-n<i>`` (so ranks can look them up by name).
-    """
-    actor_cls = ray.remote(SnapshotHolder)
-    handles, prefixes = [], []
-    for i, node_id in enumerate(node_ids, start=first_index):
-        prefix = f"tmck-{run_id}-n{i}"
-        handles.append(
-            actor_cls.options(
-                name=prefix,
-                num_cpus=0,
-                max_concurrency=8,
-                max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-            ).remote(prefix, keep)
-        )
-        prefixes.append(prefix)
-    for i, ref in enumerate([h.ping.remote() for h in handles]):
-        try:
-            info = ray.get(ref, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"snapshot holder on node {node_ids[i]} did not start within {timeout_s:g}s") from None
-        if info["node_id"] != node_ids[i]:
-            raise RuntimeError(f"snapshot holder {i} landed on node {info['node_id']}, asked for {node_ids[i]}")
-    return HolderSet(list(node_ids), handles, prefixes, names=list(prefixes))

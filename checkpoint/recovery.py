@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from .holder import HolderSet, checksum, read_file_into
+from .capture import store_fragments
+from .holder_set import HolderSet
 from .isal import RSCodec
 from .layout import SnapshotLayout
-from .capture import store_fragments
+from .segments import checksum, read_file_into
 
 
 class SnapshotUnavailable(RuntimeError):
@@ -40,12 +41,10 @@ class FetchedSnapshot:
     seconds: float = 0.0
 
 
-def _ask(holders: HolderSet, h: int, step: int, rank: int, want: list[int], timeout_s: float):
-    try:
-        return ray.get(holders.handles[h].fetch.remote(step, rank, want), timeout=timeout_s)
-    except ray.exceptions.RayError:
-        holders.dead.add(h)
-        return None, {}
+def _ask(holders: HolderSet, h: int, method: str, *args: Any, timeout_s: float) -> Any:
+    """One holder's answer, or None when it is dead, slow (then suspect) or failed the call."""
+    reply = holders.call(method, *args, indices=[h], timeout_s=timeout_s).get(h)
+    return None if reply is None or isinstance(reply, BaseException) else reply
 
 
 def fetch_snapshot(holders: HolderSet, step: int, rank: int, home: int | None = None,
@@ -57,11 +56,7 @@ def fetch_snapshot(holders: HolderSet, step: int, rank: int, home: int | None = 
         order = [home] + [h for h in order if h != home]
     meta: dict[str, Any] | None = None
     for h in order:
-        try:
-            meta_json = ray.get(holders.handles[h].meta.remote(step, rank), timeout=timeout_s)
-        except ray.exceptions.RayError:
-            holders.dead.add(h)
-            continue
+        meta_json = _ask(holders, h, "meta", step, rank, timeout_s=timeout_s)
         if meta_json is not None:
             meta = json.loads(meta_json)
             break
@@ -88,11 +83,7 @@ def fetch_snapshot(holders: HolderSet, step: int, rank: int, home: int | None = 
             if not want:
                 return
             if holders.node_ids[h] == here:  # same node: read its shared memory straight into place
-                try:
-                    paths = ray.get(holders.handles[h].paths.remote(step, rank, want), timeout=timeout_s)
-                except ray.exceptions.RayError:
-                    holders.dead.add(h)
-                    continue
+                paths = _ask(holders, h, "paths", step, rank, want, timeout_s=timeout_s) or {}
                 for j, path in paths.items():
                     dst = rows[j] if j < k else np.empty(layout.frag_len, np.uint8)
                     try:
@@ -101,7 +92,7 @@ def fetch_snapshot(holders: HolderSet, step: int, rank: int, home: int | None = 
                         continue
                     accept(j, h, dst if ok else None)
                 continue
-            _, frags = _ask(holders, h, step, rank, want, timeout_s)
+            _, frags = _ask(holders, h, "fetch", step, rank, want, timeout_s=timeout_s) or (None, {})
             for j, arr in frags.items():
                 if j < k and arr.nbytes == layout.frag_len:
                     rows[j][:] = arr
@@ -133,5 +124,4 @@ def reencode(holders: HolderSet, snap: FetchedSnapshot, home: int, timeout_s: fl
     meta = dict(snap.meta, checksums=sums)
     store_fragments(holders, home, snap.step, snap.rank, json.dumps(meta, separators=(",", ":"), sort_keys=True),
                     sums, rows, layout.k, layout.m, timeout_s)
-    refs = [holders.handles[h].commit.remote(snap.step) for h in holders.alive()]
-    ray.get(refs, timeout=timeout_s)
+    holders.call("commit", snap.step, timeout_s=timeout_s)

@@ -9,7 +9,8 @@ BENCHES: dict[str, str] = {
     "launch": "trainmem.runtime.bench_launch",
     "checkpoint": "trainmem.checkpoint.bench",
     "memory": "trainmem.memory_services.bench",
-    "activations": "trainmem.offload.bench",
+    "activations": "trainmem.offload.activations.bench",
+    "placement": "trainmem.offload.params.bench",
     "pipeline": "trainmem.parallel.bench",
 }
 

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "schedule": ("trainmem.parallel.cli", "pipeline schedules: trainmem schedule show|pick ..."),
     "serve": ("trainmem.launch.serve_cmd", "start memory services: trainmem serve examples/memory.toml"),
     "consolidate": ("trainmem.launch.consolidate_cmd", "run memory consolidation: --once | --schedule CRON"),
+    "chaos": ("trainmem.launch.chaos_cmd", "random real faults, each run checked bitwise: trainmem chaos JOB.toml --trials N"),
+    "export": ("trainmem.launch.export_cmd", "newest intact checkpoint as safetensors: trainmem export RUN_DIR OUT"),
     "plot": ("trainmem.launch.plot_cmd", "draw a run's loss, throughput and memory: trainmem plot RUN_DIR"),
     "bench": ("trainmem.launch.bench_cmd", "benchmarks beside their anchors: trainmem bench NAME [--json]"),
 }
@@ -43,8 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"trainmem: unknown command {name!r} (fix: one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"trainmem {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # no traceback reaches the user: one line, the rest in a file
+        from .usage import first_line, write_traceback
+
+        log = write_traceback(None, e)
+        print(f"trainmem {name}: internal error: {type(e).__name__}: {first_line(e)} (traceback in {log})",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

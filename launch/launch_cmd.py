@@ -12,11 +12,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from trainmem.runtime import ConfigError, Controller, InjectedFailure, JobFailed, JobSpec, load_spec
-from trainmem.runtime.spec_loader import build_dataclass
-from trainmem.runtime.worker_group import ClusterUnavailable
+import trainmem
+from trainmem.checkpoint import CheckpointCorrupt, existing_state
+from trainmem.checkpoint.durable import atomic_write_text
+from trainmem.runtime.config import JobSpec, check_environment, load_spec, resolve_paths
+from trainmem.runtime.failure import InjectedFailure
+from trainmem.runtime.spec_loader import ConfigError, build_dataclass
 
-from .usage import Parser, UsageError, fail
+from .usage import Parser, UsageError, fail, first_line, write_traceback
 
 SPEC_FILE = "spec.json"
 
@@ -56,19 +59,36 @@ def resolve_spec(args) -> JobSpec:
     """The job file (or the resumed run's saved spec) plus command-line overrides, validated."""
     overrides = _overrides(args)
     if args.resume:
+        if args.job:
+            raise UsageError("trainmem launch: give a job file or --resume RUN_DIR, not both "
+                             "(fix: trainmem launch --resume RUN_DIR [--steps N])")
         saved = Path(args.resume) / SPEC_FILE
         if not saved.is_file():
             raise ConfigError(str(saved), "<file>", "not a trainmem run folder", "pass the RUN_DIR a launch created")
-        table = json.loads(saved.read_text())
+        try:
+            table = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(str(saved), "<file>", f"unreadable ({e})", "pass the RUN_DIR a launch created") from None
+        if not isinstance(table, dict):
+            raise ConfigError(str(saved), "<file>", "not a job spec", "pass the RUN_DIR a launch created")
         for section, values in overrides.items():
-            table.setdefault(section, {}).update(values)
-        return build_dataclass(JobSpec, table, str(saved), "")
+            if not isinstance(table.setdefault(section, {}), dict):
+                raise ConfigError(str(saved), section, "must be a table", "restore the run's spec.json")
+            table[section].update(values)
+        spec = build_dataclass(JobSpec, table, str(saved), "")
+        check_environment(spec, str(saved), base=Path(args.resume))  # the same checks as a fresh launch
+        resolve_paths(spec, job_name=Path(args.resume).name)
+        return spec
     if not args.job:
         raise UsageError("trainmem launch: a job file is required (fix: trainmem launch JOB.toml, or --resume RUN_DIR)")
     spec = load_spec(args.job, overrides)
-    if (spec.checkpoint_dir / "LATEST").exists():
+    try:
+        found = existing_state(spec.checkpoint_dir)
+    except CheckpointCorrupt as e:
+        found = [f"unreadable checkpoint state ({e})"]
+    if found:
         raise ConfigError(
-            args.job, "train.run_dir", f"{spec.run_dir} already holds checkpoints",
+            args.job, "train.run_dir", f"{spec.run_dir} already holds {' and '.join(found)}",
             f"continue it with --resume {spec.run_dir}, or choose another run_dir",
         )
     return spec
@@ -91,19 +111,39 @@ def main(argv: list[str]) -> int:
             spec.model.init_memory_from, spec.model.init_memory_step = plan_memory_init(args.init_memory_from, spec)
         except ValueError as e:
             return fail(f"trainmem launch: {e}")
+    if spec.cluster.address and not trainmem.is_loopback_address(spec.cluster.address):
+        if not trainmem.allow_cluster_addresses():
+            return fail(f"trainmem launch: cluster.address={spec.cluster.address!r} is another machine, which needs "
+                        "Ray's cluster mode, but RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set (fix: unset it or set it to 1)")
+    from trainmem.runtime.controller import Controller, JobFailed
+    from trainmem.runtime.cluster import ClusterUnavailable
+
     spec.run_dir.mkdir(parents=True, exist_ok=True)
-    (spec.run_dir / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=1))
+    atomic_write_text(spec.run_dir / SPEC_FILE, json.dumps(dataclasses.asdict(spec), indent=1))
     console = Console(stderr=True)
     with _progress(console, spec) as (progress, task):
         def on_progress(record: dict) -> None:
             progress.update(task, completed=record["step"], loss=record["loss"], tps=record["tokens_per_s"])
 
+        controller = Controller(spec, inject=inject, on_progress=on_progress, t0=t0, handle_sigterm=True)
         try:
-            result = Controller(spec, inject=inject, on_progress=on_progress, t0=t0).run()
+            result = controller.run()
         except (JobFailed, ClusterUnavailable) as e:
             progress.stop()
             print(f"trainmem launch: {e}", file=sys.stderr)
             return 1
+        except Exception as e:  # a fault of ours: one line for the user, the traceback in the run's logs
+            progress.stop()
+            log = write_traceback(spec.run_dir / "logs" / "driver.log", e)
+            print(f"trainmem launch: internal error: {type(e).__name__}: {first_line(e)} (traceback in {log})",
+                  file=sys.stderr)
+            return 1
+    if result.state == "preempted":
+        saved = (f"saved step {result.preempted_step}" if result.preempted_step is not None
+                 else "could not save in time (the newest checkpoint stands)")
+        print(f"trainmem launch: preempted (SIGTERM): {saved}; continue with "
+              f"trainmem launch --resume {spec.run_dir}", file=sys.stderr)
+        return 143
     summary = {
         "steps": result.steps,
         "final_loss": result.final_loss,
@@ -115,9 +155,16 @@ def main(argv: list[str]) -> int:
         "peak_mem_bytes": result.peak_mem_bytes,
         "run_dir": result.run_dir,
     }
-    _print_summary(Console(stderr=args.json), summary)
+    rows = dict(summary)
+    for i, r in enumerate(result.recoveries, 1):
+        how = r["action"] + (f" ({', '.join(f'rank {k}: {v}' for k, v in r['replacement'].items())})"
+                             if r["replacement"] else "")
+        rows[f"failure {i}"] = f"{r['kind']} rank(s) {r['ranks']}: {how}"
+        rows[f"failure {i} restored from"] = f"{r['tier']} step {r['restored_step']} ({r['lost_steps']} steps lost)"
+        rows[f"failure {i} fault -> resumed (s)"] = r["fault_to_resumed_s"]
+    _print_summary(Console(stderr=args.json), rows)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({**summary, "recoveries": result.recoveries}))
     return 0
 
 

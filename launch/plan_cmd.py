@@ -1,5 +1,7 @@
-"""``trainmem plan JOB.toml``: measure one warm-up step of the job's model on a real batch and print the
-activation plan ([memory] section) as a table with the predicted peak and overhead."""
+"""``trainmem plan JOB.toml``: with [placement], the parameter placement (chunk size and waste, bytes per tier
+per state type, bytes moved per step per tier pair), computed from the model's shapes; otherwise measure one
+warm-up step of the job's model on a real batch and print the activation plan ([memory] section) as a table
+with the predicted peak and overhead."""
 
 from __future__ import annotations
 
@@ -66,6 +68,8 @@ def main(argv: list[str]) -> int:
         spec, cfg = _load(args.job)
     except ConfigError as e:
         return _fail(str(e))
+    if spec.placement.enabled:
+        return _placement(spec, args)
     if args.batch_size is not None and args.batch_size <= 0:
         return _fail(f"--batch-size={args.batch_size} must be > 0")
     if args.seq_len is not None and args.seq_len <= 0:
@@ -91,8 +95,23 @@ def main(argv: list[str]) -> int:
         return _fail(f"{args.job}: memory.activation_budget: {e}")
     except (ValueError, OSError) as e:
         return _fail(f"{args.job}: {e}")
+    return _show(plan, plan_table, args)
+
+
+def _show(plan, table, args) -> int:
     if args.json:
         print(json.dumps(plan.to_dict()))
     else:
-        Console(width=max(100, Console().width)).print(plan_table(plan))
+        Console(width=max(100, Console().width)).print(table(plan))
     return 0
+
+
+def _placement(spec, args) -> int:
+    from trainmem.offload import PlacementInfeasible, placement_table
+    from trainmem.runtime.config import placement_plan
+
+    try:
+        plan = placement_plan(spec)
+    except PlacementInfeasible as e:
+        return _fail(f"{args.job}: {e}")
+    return _show(plan, placement_table, args)

@@ -1,42 +1,24 @@
-"""trainmem.offload: activation offload and token-wise recompute under a memory budget.
+"""trainmem.offload: the memory tiers, activation offload/recompute and chunked parameter placement.
 
-Public surface: the ``[memory]`` config, the per-block policy (wrap, measure, plan, step), the plan
-as data and as a table, the saved-activation meter and the host buffer pool.
+Public surface: the tiers (device arena, host pool, disk slot file) and the one copy engine
+between them; the ``[memory]`` activation policy, its planner, plan table and meter; the
+``[placement]`` config, planner, plan table and :class:`ChunkedEngine`.
 """
 
-from .config import ActivationConfig
-from .meter import SavedBytesMeter
-from .planner import (BlockProfile, Choice, CostModel, Plan, PlanInfeasible, PlanRow, peak_points, plan_blocks,
-                      predict_peak)
-from .policy import ActivationPolicy, find_blocks
-from .pool import HostPool, HostPoolFull
-from .recompute import recompute
-from .render import format_bytes, plan_table, plan_text
-from .split import is_splittable, split_forward
-from .stores import KeepStore, OffloadEngine
+from .activations import (ActivationConfig, ActivationPolicy, BlockProfile, Choice, CostModel, KeepStore,
+                          OffloadEngine, Plan, PlanInfeasible, PlanRow, SavedBytesMeter, find_blocks, format_bytes,
+                          is_splittable, peak_points, plan_blocks, plan_table, plan_text, predict_peak, recompute,
+                          split_forward)
+from .params import (CHECKPOINT_FORMAT, ChunkedEngine, PlacementConfig, PlacementInfeasible, PlacementPlan,
+                     operators, parse_bytes, placement_table, plan_for_module, plan_placement,
+                     state_dict_from_shards)
+from .tiers import ArenaFull, CopyEngine, DeviceArena, DiskFull, DiskSlots, HostPool, HostPoolFull
 
 __all__ = [
-    "ActivationConfig",
-    "ActivationPolicy",
-    "BlockProfile",
-    "Choice",
-    "CostModel",
-    "HostPool",
-    "HostPoolFull",
-    "KeepStore",
-    "OffloadEngine",
-    "Plan",
-    "PlanInfeasible",
-    "PlanRow",
-    "SavedBytesMeter",
-    "find_blocks",
-    "format_bytes",
-    "is_splittable",
-    "plan_blocks",
-    "plan_table",
-    "plan_text",
-    "peak_points",
-    "predict_peak",
-    "recompute",
-    "split_forward",
+    "ActivationConfig", "ActivationPolicy", "ArenaFull", "BlockProfile", "CHECKPOINT_FORMAT", "Choice",
+    "ChunkedEngine", "CopyEngine", "CostModel", "DeviceArena", "DiskFull", "DiskSlots", "HostPool", "HostPoolFull",
+    "KeepStore", "OffloadEngine", "PlacementConfig", "PlacementInfeasible", "PlacementPlan", "Plan",
+    "PlanInfeasible", "PlanRow", "SavedBytesMeter", "find_blocks", "format_bytes", "is_splittable", "operators",
+    "parse_bytes", "peak_points", "placement_table", "plan_blocks", "plan_for_module", "plan_placement", "plan_table", "plan_text",
+    "predict_peak", "recompute", "split_forward", "state_dict_from_shards",
 ]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
+from .costs import read_run_costs
 from .ir import from_csv, to_csv
 from .offload_pass import with_offload
 from .schedules import SCHEDULE_NAMES, canonical, make_schedule, placement_for
 from .search import pick
 from .simulate import Costs, SimResult, simulate
+from .split import balance_layers, predict
 from .validate import ScheduleError, validate
 
 
@@ -35,9 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--csv", help="write the schedule as CSV (one row per rank) here")
     show.add_argument("--torch-names", action="store_true", help="CSV with torch's letters (F, I, W, B)")
     show.add_argument("--text", action="store_true", help="print every rank's actions")
-    pk = sub.add_parser("pick", help="fastest schedule whose peak memory fits --budget")
-    _common(pk)
-    pk.add_argument("--budget", type=float, required=True, help="peak activation memory per rank, in M_B")
+    pk = sub.add_parser("pick", help="fastest schedule whose peak memory fits the budget")
+    _common(pk, required=False)
+    budget = pk.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget", type=float, help="peak activation memory per rank, in M_B (unit costs)")
+    budget.add_argument("--budget-bytes", type=float, help="peak saved-activation bytes per rank (with --from-run)")
+    pk.add_argument("--from-run", metavar="RUN_DIR", help="use the per-layer costs a job measured and recorded "
+                    "(events.jsonl layer_costs); -p/-m default to the job's")
     pk.add_argument("--no-offload", action="store_true", help="do not consider offloaded variants")
     val = sub.add_parser("validate", help="check a CSV schedule (one row per rank)")
     val.add_argument("file")
@@ -48,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("-p", type=int, required=True, help="pipeline ranks")
-    sp.add_argument("-m", type=int, required=True, help="microbatches")
+def _common(sp: argparse.ArgumentParser, required: bool = True) -> None:
+    sp.add_argument("-p", type=int, required=required, help="pipeline ranks")
+    sp.add_argument("-m", type=int, required=required, help="microbatches")
     sp.add_argument("--costs", default="1,1,1", help="F,B,W[,COMM[,OFFLOAD]] per rank's layers (default 1,1,1)")
     sp.add_argument("--json", action="store_true", help="last line: one JSON object")
 
@@ -93,22 +100,57 @@ def _show(args) -> int:
 
 def _pick(args) -> int:
     costs = Costs.parse(args.costs)
-    best, cands = pick(args.p, args.m, args.budget, costs, offload=not args.no_offload)
-    rows = [{"schedule": c.name + ("+offload" if c.offload else ""), "makespan": c.sim.makespan,
-             "bubble": c.sim.bubble, "max peak M_B": max(c.sim.peak_mb),
-             "fits": "yes" if max(c.sim.peak_mb) <= args.budget + 1e-9 else "no"} for c in cands]
-    _table(rows, f"p={args.p} m={args.m} budget {args.budget:g} M_B, costs {args.costs}")
+    if not args.from_run and args.budget is None:
+        raise _UsageError("--budget-bytes needs --from-run RUN_DIR (measured bytes); with unit costs use --budget M_B")
+    if args.from_run and args.budget_bytes is None:
+        raise _UsageError("with --from-run the budget is in bytes: use --budget-bytes N")
+    run = read_run_costs(args.from_run) if args.from_run else None
+    p = args.p if args.p is not None else (run.pipeline.get("stages") if run else None)
+    m = args.m if args.m is not None else (run.pipeline.get("microbatches") if run else None)
+    if p is None or m is None:
+        raise _UsageError("pick needs -p and -m (or --from-run RUN_DIR to take the job's)")
+    if run is not None:
+        costs = Costs(f=costs.f, b=costs.b, w=costs.w, comm=run.comm_s, offload=costs.offload)
+    budget = args.budget if run is None else args.budget_bytes
+    best, cands = pick(p, m, budget, costs, offload=not args.no_offload,
+                       layers=run.layers if run else None, copy_bytes_per_s=run.copy_bytes_per_s if run else None)
+    unit = "M_B" if run is None else "bytes"
+    rows = [{"schedule": c.name + ("+offload" if c.offload else ""),
+             ("makespan" if run is None else "predicted step s"): c.sim.makespan, "bubble": c.sim.bubble,
+             f"max peak {unit}": c.peak if run is None else f"{int(c.peak):,}",
+             **({"split": ",".join(map(str, c.layers_per_stage))} if run else {}),
+             "fits": "yes" if c.peak <= budget * (1 + 1e-9) else "no"} for c in cands]
+    source = f"costs measured by {args.from_run}" if run else f"costs {args.costs}"
+    _table(rows, f"p={p} m={m} budget {budget:g} {unit}, {source}")
+    report = _run_report(run, p, m) if run else None
+    if report:
+        print(f"the job ran {report['schedule']} (p={p}, m={m}): measured step {report['measured_step_s']:.4f} s "
+              f"(median of {report['steps']}), simulator predicts {report['predicted_step_s']:.4f} s "
+              f"({report['error'] * 100:+.1f}%)")
     if best is None:
-        print(f"no schedule fits a budget of {args.budget:g} M_B (smallest peak: "
-              f"{min(max(c.sim.peak_mb) for c in cands):g}); raise --budget", file=sys.stderr)
+        print(f"no schedule fits a budget of {budget:g} {unit} (smallest peak: "
+              f"{min(c.peak for c in cands):g}); raise the budget", file=sys.stderr)
         if args.json:
-            print(json.dumps({"schedule": None, "budget": args.budget}))
+            print(json.dumps({"schedule": None, "budget": budget, "unit": unit, "run": report}))
         return 1
-    print(f"pick: {best.name}{' with offload' if best.offload else ''} (makespan {best.sim.makespan:g}, "
-          f"peak {max(best.sim.peak_mb):g} M_B)")
+    print(f"pick: {best.name}{' with offload' if best.offload else ''} ({'makespan' if run is None else 'predicted step'} "
+          f"{best.sim.makespan:g}{'' if run is None else ' s'}, peak {best.peak:g} {unit})")
     if args.json:
-        print(json.dumps({"budget": args.budget, **best.as_dict()}))
+        print(json.dumps({"budget": budget, "unit": unit, **best.as_dict(), "run": report}))
     return 0
+
+
+def _run_report(run, p: int, m: int) -> dict | None:
+    """The job's own schedule: its measured step time beside the simulator's prediction."""
+    name = run.pipeline.get("schedule")
+    if not run.measured_step_s or not name or (run.pipeline.get("stages"), run.pipeline.get("microbatches")) != (p, m):
+        return None
+    sched = make_schedule(name, p, m)
+    split = run.pipeline.get("layers_per_stage") or balance_layers(run.layers, sched.n_stages)
+    predicted = predict(sched, run.layers, split, comm_s=run.comm_s).makespan
+    measured = statistics.median(run.measured_step_s)
+    return {"schedule": name, "layers_per_stage": list(split), "measured_step_s": measured,
+            "steps": len(run.measured_step_s), "predicted_step_s": predicted, "error": predicted / measured - 1}
 
 
 def _validate(args) -> int:

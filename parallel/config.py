@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .costs import LayerCost
 from .ir import Schedule
 from .offload_pass import with_offload
 from .schedules import SCHEDULE_NAMES, canonical, make_schedule, natural_chunks, stage_layout
+from .split import balance_layers
+
+SPLITS = ("even", "auto")
 
 
 @dataclass(kw_only=True)
@@ -20,7 +25,11 @@ class PipelineConfig:
     chunks: int = 0
     """Stages (chunks) per rank v; 0 = the schedule's own (1, or 2 for interleaved and V-shapes)."""
     layers_per_stage: list[int] = field(default_factory=list)
-    """Blocks per global stage (p·v entries, uneven allowed); empty = as even as possible."""
+    """Blocks per global stage (p·v entries, uneven allowed); empty = as ``split`` says."""
+    split: str = "even"
+    """How blocks go to stages when layers_per_stage is empty: "even" (as even as possible) or
+    "auto" (balanced from the model's measured per-layer forward/backward times and saved bytes,
+    embedding and head included; the job measures them at start and records them)."""
     offload: bool = False
     """Offload each stash to host memory after its forward and reload it before its backward."""
     timeout_s: float = 60.0
@@ -45,6 +54,10 @@ class PipelineConfig:
         n = self.stages * self.v
         if self.layers_per_stage and (len(self.layers_per_stage) != n or min(self.layers_per_stage) < 0):
             raise ValueError(f"layers_per_stage={self.layers_per_stage} must have stages*chunks={n} non-negative entries")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r} must be one of {', '.join(SPLITS)}")
+        if self.split == "auto" and self.layers_per_stage:
+            raise ValueError(f"split='auto' and layers_per_stage={self.layers_per_stage} are both set; keep one")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s} must be > 0")
 
@@ -59,6 +72,22 @@ def build_schedule(cfg: PipelineConfig) -> Schedule:
     return with_offload(sched) if cfg.offload else sched
 
 
-def layout_for(cfg: PipelineConfig, n_layer: int) -> list[list[tuple[int, int]]]:
+def layers_per_stage_for(cfg: PipelineConfig, n_layer: int, layer_costs: Sequence[LayerCost] | None = None) -> list[int] | None:
+    """Blocks per global stage as ``cfg`` asks (None = even); "auto" needs ``layer_costs``
+    (embedding, n_layer blocks, head, as ``profile_layers`` measures them)."""
+    if cfg.layers_per_stage:
+        return list(cfg.layers_per_stage)
+    if cfg.split == "even":
+        return None
+    if layer_costs is None:
+        raise ValueError("pipeline.split='auto' needs the model's measured layer costs (profile_layers); none were given")
+    if len(layer_costs) != n_layer + 2:
+        raise ValueError(f"pipeline.split='auto': {len(layer_costs)} layer costs for a model of {n_layer} blocks "
+                         f"(expected {n_layer + 2}: embedding, blocks, head)")
+    return balance_layers(layer_costs, cfg.stages * cfg.v)
+
+
+def layout_for(cfg: PipelineConfig, n_layer: int,
+               layer_costs: Sequence[LayerCost] | None = None) -> list[list[tuple[int, int]]]:
     """Per rank, the (global stage, blocks) it owns for a model with n_layer blocks."""
-    return stage_layout(cfg.schedule, cfg.stages, n_layer, cfg.v, cfg.layers_per_stage or None)
+    return stage_layout(cfg.schedule, cfg.stages, n_layer, cfg.v, layers_per_stage_for(cfg, n_layer, layer_costs))

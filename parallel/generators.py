@@ -1,13 +1,13 @@
-"""Schedule generators: GPipe, 1F1B, interleaved 1F1B, and a memory-capped greedy list scheduler
-that yields ZB-H1, ZB-H2 and ZB-V (zero-bubble: B/W split, W deferred into idle time).
+"""Schedule generators: GPipe, 1F1B, interleaved 1F1B, ZB-H1, ZB-V (the paper's construction), and a
+memory-capped greedy list scheduler (ZB-H2; zero-bubble: B/W split, W deferred into idle time).
 
 V-Half and V-Min come from building blocks (``blocks.py``).
 """
 
 from __future__ import annotations
 
-from .ir import Action, Kind, Schedule, loop_placement, v_placement
-from .simulate import Costs, DeadlockError
+from .ir import Action, DeadlockError, Kind, Schedule, loop_placement, v_placement
+from .simulate import Costs, simulate
 
 
 def _sched(name: str, p: int, m: int, placement: list[list[int]], ranks: list[list[tuple[Kind, int, int]]]) -> Schedule:
@@ -198,71 +198,59 @@ def zb_h2(p: int, m: int) -> Schedule:
     return greedy("zb-h2", p, m, loop_placement(p, 1), cap=float(2 * p))
 
 
-def zb_v(p: int, m: int, budget: int = 200_000) -> Schedule:
-    """ZB-V: V placement, B/W split, cap p M_B. Exact zero-bubble search in unit time when it finds
-    one within ``budget`` steps (it does for m >= 2p at small p), else the greedy."""
-    found = zero_bubble_search("zb-v", p, m, v_placement(p), cap=float(p), budget=budget)
-    return found or greedy("zb-v", p, m, v_placement(p), cap=float(p))
+def zb_v(p: int, m: int) -> Schedule:
+    """ZB-V (Qi et al., "Zero Bubble Pipeline Parallelism", the V-shape schedule): V placement,
+    B/W split, peak p M_B per rank, zero bubble for F = B = W and m >= 2p - 1, by construction.
+
+    The construction needs at least 2p - 1 microbatches; below that it is built for 2p - 1 and
+    the extra microbatches are dropped (that leaves bubbles), and the memory-capped greedy is
+    used instead where it finishes sooner.
+    """
+    n = max(m, 2 * p - 1)
+    rows = [[a for a in _zb_v_rank(p, n, r) if a[2] < m] for r in range(p)]
+    built = _sched("zb-v", p, m, v_placement(p), rows)
+    if n == m:
+        return built
+    other = greedy("zb-v", p, m, v_placement(p), cap=float(p))
+    return min((built, other), key=lambda s: simulate(s).makespan)
 
 
-def zero_bubble_search(name: str, p: int, m: int, placement: list[list[int]], cap: float,
-                       budget: int = 200_000) -> Schedule | None:
-    """Depth-first search, in unit time slots (F = B = W = 1 per stage), for a B/W-split order
-    in which every rank works in every slot from its first forward to its last action and holds
-    at most ``cap`` M_B. Returns None when none is found within ``budget`` search steps."""
-    v = len(placement[0])
-    n_stages = p * v
-    unit = 1.0 / v
-    done: dict[tuple[Kind, int, int], int] = {}
-    nxt = {(k, s): 0 for s in range(n_stages) for k in (Kind.F, Kind.B, Kind.W)}
-    mem = [0.0] * p
-    rows: list[list[tuple[Kind, int, int]]] = [[] for _ in range(p)]
-    left = [3 * v * m] * p
-    first = [placement[r].index(min(placement[r])) for r in range(p)]
-    steps = 0
+def _zb_v_rank(p: int, n: int, r: int) -> list[tuple[Kind, int, int]]:
+    """Rank r's ZB-V order for n >= 2p - 1 microbatches. Chunk 0 is stage r (down the V's first
+    leg), chunk 1 is stage 2p-1-r (the second leg). Warm-up fills the V from both ends (more
+    chunk-0 forwards the nearer the rank is to the start); the steady state alternates one F, B, W
+    per chunk; cool-down defers the W's of the last microbatches into the V's drain."""
+    stage = (r, 2 * p - 1 - r)
+    row: list[tuple[Kind, int, int]] = []
+    nxt = {(kind, c): 0 for kind in (Kind.F, Kind.B, Kind.W) for c in (0, 1)}
 
-    def deps_done(kind: Kind, s: int, mb: int, t: int) -> bool:
-        if kind is Kind.F:
-            return s == 0 or done.get((Kind.F, s - 1, mb), t + 1) <= t
-        if kind is Kind.B:
-            return done.get((Kind.F, s, mb), t + 1) <= t and (
-                s == n_stages - 1 or done.get((Kind.B, s + 1, mb), t + 1) <= t)
-        return done.get((Kind.B, s, mb), t + 1) <= t
+    def put(kind: Kind, chunk: int) -> None:
+        row.append((kind, stage[chunk], nxt[(kind, chunk)]))
+        nxt[(kind, chunk)] += 1
 
-    def visit(t: int, r: int) -> bool:
-        nonlocal steps
-        steps += 1
-        if steps > budget:
-            raise TimeoutError
-        if r == p:
-            return not any(left) or visit(t + 1, 0)
-        s0 = placement[r][first[r]]
-        if not left[r] or (Kind.F, s0, 0) not in done and not deps_done(Kind.F, s0, 0, t):
-            return visit(t, r + 1)  # finished, or not started yet: idling here is not a bubble
-        for s in placement[r]:
-            for kind in (Kind.F, Kind.B, Kind.W):
-                mb = nxt[(kind, s)]
-                if mb >= m or not deps_done(kind, s, mb, t):
-                    continue
-                delta = unit if kind is Kind.F else (-unit if kind is Kind.W else 0.0)
-                if mem[r] + delta > cap + 1e-9:
-                    continue
-                done[(kind, s, mb)] = t + 1
-                nxt[(kind, s)] += 1
-                mem[r] += delta
-                left[r] -= 1
-                rows[r].append((kind, s, mb))
-                if visit(t, r + 1):
-                    return True
-                rows[r].pop()
-                left[r] += 1
-                mem[r] -= delta
-                nxt[(kind, s)] -= 1
-                del done[(kind, s, mb)]
-        return False
-
-    try:
-        ok = visit(0, 0)
-    except (TimeoutError, RecursionError):
-        return None
-    return _sched(name, p, m, placement, rows) if ok else None
+    for _ in range(2 * (p - r) - 1):  # warm-up 1: chunk-0 forwards until the V reaches back here
+        put(Kind.F, 0)
+    for _ in range(r):  # warm-up 2: interleave the second leg's forwards
+        put(Kind.F, 1)
+        put(Kind.F, 0)
+    for _ in range(p - r):  # warm-up 3: the second leg turns into backward at once
+        for kind in (Kind.F, Kind.B, Kind.W):
+            put(kind, 1)
+    while nxt[(Kind.F, 1)] < nxt[(Kind.F, 0)] or nxt[(Kind.F, 0)] < n:  # steady state
+        if nxt[(Kind.F, 0)] < n:
+            put(Kind.F, 0)
+        put(Kind.B, 0)
+        put(Kind.W, 0)
+        for kind in (Kind.F, Kind.B, Kind.W):
+            put(kind, 1)
+    for _ in range(r):  # cool-down 1: input gradients first, weights later
+        put(Kind.B, 0)
+        put(Kind.B, 1)
+    for _ in range(p - r):  # cool-down 2
+        put(Kind.B, 0)
+        put(Kind.W, 0)
+    while nxt[(Kind.W, 1)] < n:  # the deferred weight gradients fill the drain
+        put(Kind.W, 1)
+    while nxt[(Kind.W, 0)] < n:
+        put(Kind.W, 0)
+    return row

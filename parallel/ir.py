@@ -20,6 +20,10 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
+class DeadlockError(RuntimeError):
+    """No rank can make progress although actions remain."""
+
+
 class Kind(str, Enum):
     F = "F"
     """Forward of one stage for one microbatch; stashes its saved activations."""
@@ -162,37 +166,3 @@ def from_csv(text: str, *, name: str, m: int, placement: list[list[int]], torch_
     if len(ranks) != len(placement):
         raise ValueError(f"csv has {len(ranks)} rows but the placement has {len(placement)} ranks (one row per rank)")
     return Schedule(name=name, p=len(placement), m=m, placement=placement, ranks=ranks)
-
-
-def strip_comms(schedule: Schedule) -> Schedule:
-    return schedule.with_ranks([[a for a in acts if a.kind not in COMM] for acts in schedule.ranks])
-
-
-def add_comms(schedule: Schedule) -> Schedule:
-    """Insert SEND right after each producing compute and RECV right before each consumer.
-
-    Sends are non-blocking in the executor, so this placement never deadlocks a schedule whose
-    compute order is itself deadlock-free. Stage pairs on the same rank hand off locally.
-    """
-    s_last = schedule.n_stages - 1
-    out: list[list[Action]] = []
-    for rank, acts in enumerate(schedule.ranks):
-        row: list[Action] = []
-        for a in acts:
-            if a.kind in COMM:
-                continue
-            if a.kind is Kind.F and a.stage > 0 and schedule.rank_of(a.stage - 1) != rank:
-                row.append(schedule.act(Kind.RECV_F, a.stage, a.mb))
-            if a.kind in BACKWARD and a.stage < s_last and schedule.rank_of(a.stage + 1) != rank:
-                row.append(schedule.act(Kind.RECV_B, a.stage, a.mb))
-            row.append(a)
-            if a.kind is Kind.F and a.stage < s_last and schedule.rank_of(a.stage + 1) != rank:
-                row.append(schedule.act(Kind.SEND_F, a.stage, a.mb))
-            if a.kind in BACKWARD and a.stage > 0 and schedule.rank_of(a.stage - 1) != rank:
-                row.append(schedule.act(Kind.SEND_B, a.stage, a.mb))
-        out.append(row)
-    return schedule.with_ranks(out)
-
-
-def has_comms(schedule: Schedule) -> bool:
-    return any(a.kind in COMM for acts in schedule.ranks for a in acts)

@@ -2,7 +2,8 @@
 
 Times: ``Costs`` gives the cost of F, B, W for *all* of a rank's layers; a stage holding a fraction
 ``1/v`` of them costs that fraction (so schedules with different v compare fairly). BW = B + W.
-Sends are non-blocking; a RECV blocks its rank until the matching SEND's data arrives (send time
+Sends are non-blocking; a RECV posts the receive (it cannot pass the matching SEND, which is what
+makes a cycle a deadlock) and the compute that consumes it waits until the data arrives (send time
 + ``comm``). OFFLOAD/RELOAD run on a per-rank copy engine beside compute.
 
 Memory (in M_B = one microbatch's activations of one rank's layers): F allocates its stage's share
@@ -16,13 +17,15 @@ e.g. 1F1B (p-1)/(m+p-1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .ir import Action, Kind, Schedule, add_comms, has_comms
+from .comms import add_comms, has_comms
+from .ir import BACKWARD, Action, DeadlockError, Kind, Schedule
 
 
-class DeadlockError(RuntimeError):
-    """No rank can make progress although actions remain."""
+def _pass_time(kind: Kind, f: float, b: float, w: float) -> float:
+    return {Kind.F: f, Kind.B: b, Kind.W: w, Kind.BW: b + w}[kind]
 
 
 @dataclass(kw_only=True)
@@ -56,7 +59,22 @@ class Costs:
         return Costs(**dict(zip(names, vals)))
 
     def of(self, kind: Kind) -> float:
-        return {Kind.F: self.f, Kind.B: self.b, Kind.W: self.w, Kind.BW: self.b + self.w}[kind]
+        return _pass_time(kind, self.f, self.b, self.w)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageCost:
+    """Measured times of one stage for one microbatch (seconds), replacing Costs' shares."""
+
+    f: float
+    b: float
+    w: float
+    saved_bytes: int = 0
+    copy: float = 0.0
+    """Time to copy the stage's stash to host (and the same to reload)."""
+
+    def of(self, kind: Kind) -> float:
+        return _pass_time(kind, self.f, self.b, self.w)
 
 
 @dataclass
@@ -93,8 +111,10 @@ def _blocked_message(schedule: Schedule, rank: int, idx: int, a: Action) -> str:
     )
 
 
-def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[int, float] | None = None) -> SimResult:
-    """Run ``schedule`` in simulated time. ``mem_weights[stage]`` overrides a stage's memory share.
+def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[int, float] | None = None,
+             stage_costs: Sequence[StageCost] | None = None) -> SimResult:
+    """Run ``schedule`` in simulated time. ``mem_weights[stage]`` overrides a stage's memory share;
+    ``stage_costs[stage]`` gives measured per-stage times (then ``costs`` supplies only ``comm``).
 
     Raises DeadlockError naming each stuck rank, its action and what it waits for.
     """
@@ -106,11 +126,23 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
     mem_share = dict(share)
     if mem_weights:
         mem_share.update(mem_weights)
+    if stage_costs is not None and len(stage_costs) != schedule.n_stages:
+        raise ValueError(f"stage_costs has {len(stage_costs)} entries for a schedule of {schedule.n_stages} stages")
+
+    def duration(a: Action) -> float:
+        if stage_costs is not None:
+            return stage_costs[a.stage].of(a.kind)
+        return costs.of(a.kind) * share[a.stage]
+
+    def copy_time(a: Action) -> float:
+        return stage_costs[a.stage].copy if stage_costs is not None else costs.offload * share[a.stage]
+
     p = schedule.p
     ptr = [0] * p
     t_compute = [0.0] * p
     t_copy = [0.0] * p
     sent: dict[tuple[Kind, int, int], float] = {}
+    arrives: dict[tuple[Kind, int, int], float] = {}  # posted RECV -> when its data is there
     reload_done: dict[tuple[int, int], float] = {}
     timeline: list[list[Slot]] = [[] for _ in range(p)]
     events: list[list[tuple[float, int, float]]] = [[] for _ in range(p)]  # (time, order, delta)
@@ -126,12 +158,12 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
                            a.stage - 1 if a.kind is Kind.RECV_F else a.stage + 1, a.mb)
                     if key not in sent:
                         break
-                    t_compute[r] = max(t_compute[r], sent[key] + costs.comm)
+                    arrives[(a.kind, a.stage, a.mb)] = sent[key] + costs.comm
                 elif a.kind in (Kind.SEND_F, Kind.SEND_B):
                     sent[(a.kind, a.stage, a.mb)] = t_compute[r]
                 elif a.kind in (Kind.OFFLOAD, Kind.RELOAD):
                     start = max(t_copy[r], t_compute[r])
-                    end = start + costs.offload * share[a.stage]
+                    end = start + copy_time(a)
                     t_copy[r] = end
                     timeline[r].append(Slot(start, end, a, "copy"))
                     if a.kind is Kind.OFFLOAD:
@@ -140,8 +172,8 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
                         events[r].append((start, 1, mem_share[a.stage]))
                         reload_done[(a.stage, a.mb)] = end
                 else:
-                    start = max(t_compute[r], reload_done.pop((a.stage, a.mb), 0.0))
-                    end = start + costs.of(a.kind) * share[a.stage]
+                    start = max(t_compute[r], reload_done.pop((a.stage, a.mb), 0.0), _input_arrival(arrives, a))
+                    end = start + duration(a)
                     t_compute[r] = end
                     timeline[r].append(Slot(start, end, a))
                     if a.kind is Kind.F:
@@ -158,6 +190,14 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
             ]
             raise DeadlockError("deadlock: " + "; ".join(stuck))
     return _summarize(timeline, events)
+
+
+def _input_arrival(arrives: dict, a: Action) -> float:
+    if a.kind is Kind.F:
+        return arrives.pop((Kind.RECV_F, a.stage, a.mb), 0.0)
+    if a.kind in BACKWARD:
+        return arrives.pop((Kind.RECV_B, a.stage, a.mb), 0.0)
+    return 0.0
 
 
 def _summarize(timeline: list[list[Slot]], events: list[list[tuple[float, int, float]]]) -> SimResult:
@@ -198,4 +238,4 @@ def order_peak(schedule: Schedule, mem_weights: dict[int, float] | None = None) 
     return peaks
 
 
-__all__ = ["Costs", "SimResult", "Slot", "DeadlockError", "simulate", "order_peak"]
+__all__ = ["Costs", "SimResult", "Slot", "StageCost", "DeadlockError", "simulate", "order_peak"]

@@ -43,13 +43,15 @@ def _reach_sets(root, targets: set) -> dict:
 
 
 class SplitBackward:
-    """One (stage, microbatch)'s split backward. Call ``input_grad`` (B) then ``weight_grad`` (W)."""
+    """One (stage, microbatch)'s split backward. Call ``input_grad`` (B) then ``weight_grad`` (W).
 
-    def __init__(self, root: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor]) -> None:
+    ``root`` is the stage output (or its ``GradientEdge``: the output's data is not needed)."""
+
+    def __init__(self, root: torch.Tensor | GradientEdge, x: torch.Tensor, params: list[torch.Tensor]) -> None:
         self.root, self.x, self.params = root, x, params
         x_node = _acc_node(x)
         acc = {_acc_node(p): p for p in params}
-        reach = _reach_sets(root.grad_fn, set(acc) | {x_node})
+        reach = _reach_sets(root.node if isinstance(root, GradientEdge) else root.grad_fn, set(acc) | {x_node})
         on_x = {n for n, hit in reach.items() if x_node in hit}
         self.plan: list[tuple[object, list[torch.Tensor]]] = []  # boundary node, params it feeds
         self.safe = True
@@ -63,6 +65,7 @@ class SplitBackward:
                 self.safe &= not (direct & through)
         self.boundary = [n for n, _ in self.plan]
         self.kept: dict = {}
+        self._fallback_grad: torch.Tensor | None = None
 
     def input_grad(self, grad: torch.Tensor | None) -> torch.Tensor:
         handles = [n.register_prehook(self._keeper(n)) for n in self.boundary]
@@ -71,7 +74,12 @@ class SplitBackward:
         finally:
             for h in handles:
                 h.remove()
+        if self._needs_fallback():
+            self._fallback_grad = grad  # only the plain backward in W needs the output gradient again
         return gx
+
+    def _needs_fallback(self) -> bool:
+        return not self.safe or len(self.kept) != len(self.boundary)
 
     def _keeper(self, node):
         def hook(grad_outputs):
@@ -79,10 +87,10 @@ class SplitBackward:
 
         return hook
 
-    def weight_grad(self, grad: torch.Tensor | None) -> None:
+    def weight_grad(self) -> None:
         """Accumulate the weight gradients into ``.grad`` and let the graph go."""
-        if not self.safe or len(self.kept) != len(self.boundary):
-            torch.autograd.backward(self.root, grad, inputs=self.params)
+        if self._needs_fallback():
+            torch.autograd.backward(self.root, self._fallback_grad, inputs=self.params)
         else:
             for node, params in self.plan:
                 gouts = self.kept[node]
@@ -93,4 +101,4 @@ class SplitBackward:
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad + g
         self.kept.clear()
-        self.root = self.x = None
+        self.root = self.x = self._fallback_grad = None

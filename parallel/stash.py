@@ -37,19 +37,22 @@ def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tens
 
 
 class Ledger:
-    """Device-resident saved bytes across all stashes, with a running peak."""
+    """Device-resident saved bytes across all stashes, with a running peak; each storage is
+    counted once and charged to the owner (stage) that saved it first."""
 
     def __init__(self) -> None:
-        self.refs: dict[int, list[int]] = {}  # storage ptr -> [nbytes, live references]
+        self.refs: dict[int, list] = {}  # storage ptr -> [nbytes, live references, owner]
         self.bytes = 0
         self.peak = 0
+        self.by_owner: dict = {}
 
-    def hold(self, t: torch.Tensor) -> int:
+    def hold(self, t: torch.Tensor, owner=None) -> int:
         st = t.untyped_storage()
         ptr = st.data_ptr()
-        entry = self.refs.setdefault(ptr, [st.nbytes(), 0])
+        entry = self.refs.setdefault(ptr, [st.nbytes(), 0, owner])
         if entry[1] == 0:
             self.bytes += entry[0]
+            self.by_owner[entry[2]] = self.by_owner.get(entry[2], 0) + entry[0]
             self.peak = max(self.peak, self.bytes)
         entry[1] += 1
         return ptr
@@ -59,15 +62,17 @@ class Ledger:
         entry[1] -= 1
         if entry[1] == 0:
             self.bytes -= entry[0]
+            self.by_owner[entry[2]] -= entry[0]
             del self.refs[ptr]
 
 
 class Stash:
     """One (stage, microbatch)'s saved tensors."""
 
-    def __init__(self, ledger: Ledger, name: str) -> None:
+    def __init__(self, ledger: Ledger, name: str, owner=None) -> None:
         self.ledger = ledger
         self.name = name
+        self.owner = owner
         self.tensors: list[torch.Tensor] = []
         self.ptrs: list[int | None] = []  # None while offloaded
         self.offloaded = False
@@ -76,7 +81,7 @@ class Stash:
 
     def add(self, t: torch.Tensor) -> int:
         self.tensors.append(t)
-        self.ptrs.append(self.ledger.hold(t))
+        self.ptrs.append(self.ledger.hold(t, self.owner))
         self.device = t.device
         return len(self.tensors) - 1
 
@@ -126,7 +131,7 @@ class Stash:
         for buf in hosts.values():
             pool.give(buf)
         self._host = None
-        self.ptrs = [self.ledger.hold(t) for t in self.tensors]
+        self.ptrs = [self.ledger.hold(t, self.owner) for t in self.tensors]
         self.offloaded = False
 
     def release(self, pool: HostPool) -> None:
@@ -155,15 +160,16 @@ class _Box:
 
 class SavedBytesMeter:
     """Counts saved-activation bytes of any autograd code (e.g. another pipeline library) while
-    active: each saved non-parameter tensor is boxed, and the box's death (autograd freeing it)
-    releases its storage from the count. Same counting rule as the executor's stashes."""
+    active: each saved tensor that is not a parameter nor one of ``exclude`` (the step's own
+    inputs and targets) is boxed, and the box's death (autograd freeing it) releases its storage
+    from the count. Same counting rule as the executor's stashes."""
 
-    def __init__(self, params) -> None:
+    def __init__(self, params, exclude=()) -> None:
         import weakref
 
         self._weakref = weakref
         self.ledger = Ledger()
-        self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self._param_ptrs = {t.untyped_storage().data_ptr() for t in (*params, *exclude)}
         self._ctx = None
 
     def _pack(self, t: torch.Tensor):

@@ -1,4 +1,5 @@
-"""Validator: dependencies, matched send/recv pairs and deadlock freedom.
+"""Validator: dependencies, matched send/recv pairs posted in the same order by both ranks of a
+pair, and deadlock freedom.
 
 Every error names the rank, the action (with its index in that rank's list) and what is missing.
 """
@@ -7,8 +8,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .ir import BACKWARD, COMM, Action, Kind, Schedule, has_comms
-from .simulate import DeadlockError, simulate
+from .comms import has_comms, order_mismatch
+from .ir import BACKWARD, COMM, Action, DeadlockError, Kind, Schedule
+from .simulate import simulate
 
 
 class ScheduleError(ValueError):
@@ -128,6 +130,8 @@ def validate(schedule: Schedule) -> Schedule:
     _check_coverage(schedule)
     _check_order(schedule)
     _check_pairs(schedule)
+    if has_comms(schedule) and (why := order_mismatch(schedule)):
+        raise ScheduleError(why)
     try:
         simulate(schedule)
     except DeadlockError as exc:

@@ -2,7 +2,9 @@
 
 Both sides train the same GPT on the same batches with 2 workers, checkpoint to disk every
 ``--every`` steps, and lose rank 1 to SIGKILL at ``--kill-step``. Each runs in a fresh child
-process, so ``first_step_s`` includes interpreter start, imports and Ray start-up.
+process, so ``first_step_s`` includes interpreter start, imports and Ray start-up. Ours runs twice,
+with in-memory snapshots every step: the lost rank replaced by a cold start ("cold") and by a warm
+spare ("spare"); Ray Train restarts its whole group from its last reported checkpoint.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ def _job(args: argparse.Namespace) -> dict:
             "kill_step": args.kill_step}
 
 
-def run_ours(job: dict, work: Path) -> dict:
+def run_ours(job: dict, work: Path, spares: int = 0) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     toml = work / "job.toml"
     toml.write_text(
         f'[model]\nsize = "{job["model"]["size"]}"\nseq_len = {job["model"]["seq_len"]}\n'
         f'[train]\nsteps = {job["steps"]}\nbatch_size = {job["batch_size"]}\nlr = {job["lr"]}\nseed = {job["seed"]}\n'
-        f'run_dir = "{work / "run"}"\n[cluster]\nworkers = {job["workers"]}\n'
-        f'[checkpoint]\nevery_steps = {job["every_steps"]}\n'
+        f'run_dir = "{work / "run"}"\n[cluster]\nworkers = {job["workers"]}\nspares = {spares}\n'
+        f'[checkpoint]\nevery_steps = {job["every_steps"]}\nsnapshot_every = 1\n'
     )
     cmd = [sys.executable, "-m", "trainmem.launch.cli", "launch", str(toml), "--json",
            "--inject-failure", f"rank={job['kill_rank']},step={job['kill_step']},kind=kill"]
@@ -60,9 +63,12 @@ def run_ours(job: dict, work: Path) -> dict:
     kill = next(e["time"] for e in events if e["event"] == "failure_injected")
     detect = next(e["time"] for e in events if e["event"] == "failure_detected")
     resumed = next(m["time"] for m in metrics if m["attempt"] > 0)
-    restored = next(e["step"] for e in events if e["event"] == "restored")
+    restored = next(e for e in events if e["event"] == "restored")
+    replaced = next((e for e in events if e["event"] == "ranks_replaced"), {})
     return {"first_step_s": metrics[0]["time"] - t0, "detect_s": detect - kill, "recover_s": resumed - kill,
-            "restored_step": restored, "lost_steps": job["kill_step"] - 1 - restored,
+            "restored_step": restored["step"], "restored_tier": restored["tier"],
+            "replacement": replaced.get("source", {}).get(str(job["kill_rank"]), "group restart"),
+            "lost_steps": job["kill_step"] - 1 - restored["step"],
             "wall_s": time.time() - t0, "params_sha256": json.loads(proc.stdout.strip().splitlines()[-1])["params_sha256"]}
 
 
@@ -93,23 +99,33 @@ def main(argv: list[str]) -> int:
     console = Console(stderr=args.json)
     job = _job(args)
     with tempfile.TemporaryDirectory(prefix="trainmem-bench-launch-") as tmp:
-        (Path(tmp) / "ours").mkdir()
         (Path(tmp) / "raytrain").mkdir()
-        with console.status("trainmem launch (kill rank 1 at step %d)..." % args.kill_step):
-            ours = run_ours(job, Path(tmp) / "ours")
+        with console.status("trainmem launch, cold replacement (kill rank 1 at step %d)..." % args.kill_step):
+            cold = run_ours(job, Path(tmp) / "cold")
+        with console.status("trainmem launch, one warm spare..."):
+            spare = run_ours(job, Path(tmp) / "spare", spares=1)
         with console.status("Ray Train TorchTrainer (same job)..."):
             theirs = run_raytrain(job, Path(tmp) / "raytrain")
-    table = Table(title=f"launch: GPT {args.size}, 2 workers, SIGKILL rank 1 at step {args.kill_step}")
-    for col in ("figure", "trainmem", "Ray Train", "trainmem / Ray Train"):
+    if cold["params_sha256"] != spare["params_sha256"]:
+        raise RuntimeError("the cold and spare runs ended with different parameters: recovery is not bitwise")
+    table = Table(title=f"launch: GPT {args.size}, 2 workers, SIGKILL rank 1 at step {args.kill_step} "
+                        f"(ours: snapshots every step; Ray Train: checkpoint every {args.every})")
+    for col in ("figure", "trainmem cold", "trainmem spare", "Ray Train", "cold / RT", "spare / RT"):
         table.add_column(col, justify="right")
-    out = {"size": args.size, "steps": args.steps, "kill_step": args.kill_step, "every_steps": args.every}
+    out = {"size": args.size, "steps": args.steps, "kill_step": args.kill_step, "every_steps": args.every,
+           "replacement": {"cold": cold["replacement"], "spare": spare["replacement"]},
+           "restored_tier": cold["restored_tier"]}
     for key in ("first_step_s", "detect_s", "recover_s", "wall_s"):
-        ratio = ours[key] / theirs[key] if theirs[key] else float("nan")
-        table.add_row(key, f"{ours[key]:.2f}", f"{theirs[key]:.2f}", f"{ratio:.2f}")
-        out[key], out[f"raytrain_{key}"], out[f"ratio_{key}"] = round(ours[key], 3), round(theirs[key], 3), round(ratio, 3)
+        rt = theirs[key]
+        table.add_row(key, f"{cold[key]:.2f}", f"{spare[key]:.2f}", f"{rt:.2f}",
+                      f"{cold[key] / rt:.2f}" if rt else "-", f"{spare[key] / rt:.2f}" if rt else "-")
+        out[key], out[f"raytrain_{key}"] = round(cold[key], 3), round(rt, 3)
+        out[f"ratio_{key}"] = round(cold[key] / rt, 3) if rt else None
+    out["recover_s_cold"], out["recover_s_spare"] = round(cold["recover_s"], 3), round(spare["recover_s"], 3)
+    out["ratio_recover_s_spare"] = round(spare["recover_s"] / theirs["recover_s"], 3) if theirs["recover_s"] else None
     for key in ("restored_step", "lost_steps"):
-        table.add_row(key, str(ours[key]), str(theirs[key]), "")
-        out[key], out[f"raytrain_{key}"] = ours[key], theirs[key]
+        table.add_row(key, str(cold[key]), str(spare[key]), str(theirs[key]), "", "")
+        out[key], out[f"raytrain_{key}"] = max(cold[key], spare[key]), theirs[key]
     console.print(table)
     if args.json:
         print(json.dumps(out))

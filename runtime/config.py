@@ -13,7 +13,7 @@ from typing import Any
 
 from trainmem.checkpoint import CheckpointConfig
 from trainmem.memory_services import ServicesConfig
-from trainmem.offload import ActivationConfig
+from trainmem.offload import ActivationConfig, PlacementConfig, PlacementInfeasible, plan_for_module
 from trainmem.parallel import PipelineConfig
 
 from .models import ModelConfig
@@ -94,6 +94,12 @@ class ClusterConfig:
     """How long to wait for the worker group to start before failing."""
     placement: str = "PACK"
     """Placement-group strategy for ranks: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK."""
+    recovery: str = "replace"
+    """On a dead or hung rank: 'replace' it alone (healthy ranks keep their processes; engines that cannot, restart) or 'restart' the group."""
+    spares: int = 0
+    """Pre-started worker actors (torch imported, model built) that replace a lost rank without a cold start."""
+    preempt_grace_s: float = 60.0
+    """On SIGTERM to the driver: how long ranks get to reach a common step and save it durably before exit."""
 
     def __post_init__(self) -> None:
         if self.workers <= 0:
@@ -111,6 +117,12 @@ class ClusterConfig:
             raise ValueError(f"placement={self.placement!r} must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts={self.max_restarts} must be >= 0")
+        if self.recovery not in ("replace", "restart"):
+            raise ValueError(f"recovery={self.recovery!r} must be 'replace' or 'restart'")
+        if self.spares < 0:
+            raise ValueError(f"spares={self.spares} must be >= 0")
+        if not self.preempt_grace_s > 0:
+            raise ValueError(f"preempt_grace_s={self.preempt_grace_s} must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -131,6 +143,8 @@ class JobSpec:
     """[pipeline] pipeline-parallel schedule (stages > 1 turns it on)."""
     services: ServicesConfig = field(default_factory=ServicesConfig)
     """[services] memory layers, retriever and consolidation served on the cluster (trainmem serve)."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """[placement] parameters, gradients and optimizer state in chunks over device, host and disk."""
 
     def __post_init__(self) -> None:
         if self.pipeline.stages > 1 and self.pipeline.stages != self.cluster.workers:
@@ -147,6 +161,27 @@ class JobSpec:
             raise ValueError(
                 f"pipeline.microbatches={self.pipeline.microbatches} must divide train.batch_size={self.train.batch_size}"
             )
+        if self.placement.enabled:
+            self._check_placement()
+
+    def _check_placement(self) -> None:
+        """[placement] against the rest of the spec and the model's shapes (built on the meta device)."""
+        if self.pipeline.stages > 1:
+            raise ValueError(f"placement.device_bytes=... cannot combine with pipeline.stages={self.pipeline.stages} "
+                             "(chunked placement is data-parallel; remove one of them)")
+        if self.memory.activations != "none":
+            raise ValueError(f"placement.device_bytes=... cannot combine with memory.activations="
+                             f"{self.memory.activations!r} yet (set memory.activations='none')")
+        if self.model.memory_layers:
+            raise ValueError("placement.device_bytes=... cannot place model.memory_layers (sparse value rows with "
+                             "their own optimizer); remove one of them")
+        if self.train.batch_size % self.placement.micro_batches:
+            raise ValueError(f"placement.micro_batches={self.placement.micro_batches} must divide "
+                             f"train.batch_size={self.train.batch_size}")
+        try:
+            placement_plan(self)
+        except PlacementInfeasible as e:
+            raise ValueError(str(e)) from None
 
     @property
     def run_dir(self) -> Path:
@@ -155,6 +190,17 @@ class JobSpec:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+
+def placement_plan(spec: JobSpec):
+    """The [placement] plan for this spec's model at cluster.workers ranks (no weights are allocated)."""
+    import torch
+
+    from .models import GPT
+
+    with torch.device("meta"):
+        model = GPT(spec.model)
+    return plan_for_module(model, spec.placement, world=spec.cluster.workers)
 
 
 def load_spec(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> JobSpec:
@@ -166,12 +212,12 @@ def load_spec(path: str | Path | None, overrides: dict[str, dict[str, Any]] | No
             raise ConfigError(source, section, "must be a table", f"write [{section}]")
         table[section].update(values)
     spec = build_dataclass(JobSpec, table, source, "")
-    _check_environment(spec, source, base=Path(path).parent if path is not None else Path("."))
-    _resolve_paths(spec, job_name=Path(path).stem if path is not None else "job")
+    check_environment(spec, source, base=Path(path).parent if path is not None else Path("."))
+    resolve_paths(spec, job_name=Path(path).stem if path is not None else "job")
     return spec
 
 
-def _resolve_paths(spec: JobSpec, job_name: str) -> None:
+def resolve_paths(spec: JobSpec, job_name: str) -> None:
     """Absolute paths: Ray workers do not share the driver's working directory."""
     if not spec.train.run_dir:
         spec.train.run_dir = f"runs/{job_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -181,7 +227,7 @@ def _resolve_paths(spec: JobSpec, job_name: str) -> None:
     spec.data.cache_dir = str(Path(spec.data.cache_dir).expanduser().resolve())
 
 
-def _check_environment(spec: JobSpec, source: str, base: Path) -> None:
+def check_environment(spec: JobSpec, source: str, base: Path) -> None:
     """Checks that need the machine: CPUs for an embedded cluster, readable data files."""
     if not spec.cluster.address:
         cpus = os.cpu_count() or 1

@@ -1,35 +1,46 @@
 """The controller: a small state machine over the worker group.
 
     STARTING ──▶ RUNNING ──▶ FINISHED
-        ▲           │ failure (died | hung | error)
-        └─ RESTARTING ◀┘        └─ restarts exhausted ─▶ FAILED
+        ▲           │ failure (died | hung | error)           │ SIGTERM (preempt)
+        ├─ REPLACING ◀┤ (only the lost ranks are new)          └─▶ PREEMPTED (saved; --resume)
+        └─ RESTARTING ◀┘ (the whole group)   └─ the failure policy says stop ─▶ FAILED
 
 It owns the run log (metrics.jsonl, events.jsonl) and the Ray connection; the worker group owns
-the ranks; the restart policy decides whether to go again.
+the ranks; the failure policy decides what to do about a failure (replace the lost ranks,
+restart the group, stop); the checkpoint package lists where ranks may restore from, and the
+ranks walk those candidates until they all read one.
 """
 
 from __future__ import annotations
 
 import enum
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import ray
 
-from trainmem.checkpoint import SnapshotService
+from trainmem.checkpoint import Candidate, SnapshotService, disk_candidates, ordered
 
 from .config import JobSpec
-from .failure import InjectedFailure, RestartPolicy
+from .cluster import connect_ray
+from .engines import replica_groups
+from .failure import Decision, FailurePolicy, InjectedFailure
 from .runlog import RunLog, read_jsonl
-from .worker_group import GroupFailure, WorkerGroup, connect_ray
+from .spares import SparePool
+from .worker import rank_log_path
+from .worker_group import GroupFailure, WorkerGroup
 
 
 class JobState(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
+    REPLACING = "replacing"
     RESTARTING = "restarting"
     FINISHED = "finished"
+    PREEMPTED = "preempted"
     FAILED = "failed"
 
 
@@ -50,6 +61,9 @@ class JobResult:
     state: str
     peak_mem_bytes: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    preempted_step: int | None = None
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    """Per failure: kind, ranks, how it was recovered, the tier and step restored, steps lost, seconds to resume."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,78 +80,126 @@ class Controller:
         inject: InjectedFailure | None = None,
         on_progress: ProgressFn | None = None,
         t0: float | None = None,
+        handle_sigterm: bool = False,
     ):
+        """``handle_sigterm``: SIGTERM to this process preempts the job (main thread only; the CLI's choice)."""
         self.spec = spec
+        self.handle_sigterm = handle_sigterm
         self.inject = inject
         self.on_progress = on_progress or (lambda record: None)
         self.t0 = time.time() if t0 is None else t0
         self.log = RunLog(spec.run_dir)
-        self.policy = RestartPolicy(spec.cluster.max_restarts)
+        self.policy = FailurePolicy(spec.cluster.max_restarts)
         self.state = JobState.STARTING
         self.group: WorkerGroup | None = None
         self._last_metric: dict[str, Any] | None = None
         self._failures: list[dict[str, Any]] = []
         self.snapshots: SnapshotService | None = None
-        self._restore_plan: dict[str, Any] | None = None
+        self.spares: SparePool | None = None
+        self._preempt = threading.Event()
+        self.preempted_step: int | None = None
+
+    def preempt(self) -> None:
+        """Stop at the next common step, save it durably, and end (call from a SIGTERM handler)."""
+        self._preempt.set()
 
     # ---- the state machine --------------------------------------------------------------
     def run(self) -> JobResult:
         started_ray = connect_ray(self.spec.cluster)
+        # After ray.init: Ray's core installs its own SIGTERM handler (it would kill the driver at once).
+        previous = (signal.signal(signal.SIGTERM, lambda *_: self.preempt())
+                    if self.handle_sigterm and threading.current_thread() is threading.main_thread() else None)
         self.log.event("job_started", workers=self.spec.cluster.workers, steps=self.spec.train.steps,
                        ray_address=self.spec.cluster.address or "embedded")
         try:
-            self._start_snapshots()  # checkpoint seam: holders start before any trainer
+            self._start_snapshots()  # holders start before any trainer
+            if self.spec.cluster.spares:
+                self.spares = SparePool(self.spec, self.inject)
             results = self._run_attempts()
         finally:
+            if self.spares is not None:
+                self.spares.shutdown()
             if self.snapshots is not None:
                 self.snapshots.shutdown()
             if self.group is not None:
                 self.group.shutdown()
             if started_ray:
                 ray.shutdown()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return self._result(results)
 
     def _start_snapshots(self) -> None:
         if not self.spec.checkpoint.snapshot_every:
             return
         world = self.spec.cluster.workers
-        # DDP ranks are replicas (one stored snapshot per step suffices); pipeline stages are not.
-        groups = [[r] for r in range(world)] if self.spec.pipeline.stages > 1 else [list(range(world))]
+        groups = replica_groups(self.spec)
         self.snapshots = SnapshotService(self.spec.checkpoint, world=world, run_dir=self.spec.run_dir,
                                          checkpoint_dir=self.spec.checkpoint_dir, event=self.log.event,
                                          replica_groups=groups)
         self.snapshots.start()
 
     def _run_attempts(self) -> list[dict[str, Any]] | None:
-        attempt = 0
+        attempt, replace = 0, None
         while True:
             try:
-                return self._run_one(attempt)
+                return self._run_one(attempt, replace)
             except GroupFailure as failure:
-                self._on_failure(failure, attempt)
+                decision = self._on_failure(failure, attempt, replacing=replace is not None)
+                replace = failure if decision.action == "replace" else None
                 attempt += 1
 
-    def _run_one(self, attempt: int) -> list[dict[str, Any]]:
-        self.state = JobState.STARTING
-        if self.snapshots is not None:  # checkpoint seam: decide the restore tier, write the plan
-            self._restore_plan = self.snapshots.prepare_attempt(attempt)
-        self.group = WorkerGroup(self.spec, attempt, self.inject)
+    def _restore_plan(self, attempt: int) -> dict[str, Any]:
+        """Every tier's candidates, newest first; memory only when holders outlived the old ranks."""
+        candidates: list[Candidate] = []
+        if self.snapshots is not None:
+            self.snapshots.settle()
+            if attempt > 0:
+                candidates += self.snapshots.memory_candidates()
+        candidates += disk_candidates(self.spec.checkpoint_dir, self.spec.cluster.workers)
+        return {"candidates": [c.to_json() for c in ordered(candidates)],
+                "snapshots": self.snapshots.rank_plan() if self.snapshots is not None else None}
+
+    def _run_one(self, attempt: int, replace: GroupFailure | None) -> list[dict[str, Any]]:
         t_start = time.time()
-        resumed = self.group.start()
-        self.log.event("workers_started", attempt=attempt, resume_after_step=resumed,
+        if replace is None:
+            self.state = JobState.STARTING
+            self.group = WorkerGroup(self.spec, attempt, self.inject)
+            restored = self.group.start(lambda: self._restore_plan(attempt))
+        else:
+            self.state = JobState.REPLACING
+            out = self.group.replace(replace.ranks, attempt, lambda: self._restore_plan(attempt), self.spares)
+            restored = out["results"]
+            self.log.event("ranks_replaced", attempt=attempt, ranks=sorted(out["replaced"]),
+                           source={str(r): s for r, s in out["replaced"].items()},
+                           kept_pids={str(r): p for r, p in out["kept_pids"].items()},
+                           start_s=round(time.time() - t_start, 3))
+        self._log_restore(attempt, restored)
+        step = restored[0]["step"]
+        if step is None:
+            raise GroupFailure("restore", list(range(self.spec.cluster.workers)),
+                               "no checkpoint could be read by every rank: " + "; ".join(
+                                   f"{r['tier']} step {r['step']} (rank {r['rank']}: {r['reason']})"
+                                   for res in restored for r in res["rejected"] if "another rank" not in r["reason"]))
+        if self.snapshots is not None:
+            self.snapshots.rollback(step or None)  # later (torn) snapshots go; the redo stores them again
+        self.log.event("workers_started", attempt=attempt, resume_after_step=step,
                        start_s=round(time.time() - t_start, 3), pids=self.group.pids())
-        if resumed:
-            # checkpoint seam: restore — which tier served the state is named here.
-            tier = (self._restore_plan or {}).get("source", "disk")
-            self.log.event("restored", attempt=attempt, step=resumed,
-                           tier=tier if tier in ("memory", "flush") else "disk",
+        if step:
+            self.log.event("restored", attempt=attempt, step=step, tier=restored[0]["tier"],
                            dir=str(self.spec.checkpoint_dir))
         self.group.start_training()
         self.state = JobState.RUNNING
         while True:
-            metrics, results = self.group.poll()
-            if self.snapshots is not None:  # checkpoint seam: commit what every rank stored
+            if self._preempt.is_set():
+                return self._stop_for_preemption()
+            metrics, events, results = self.group.poll()
+            for e in events:
+                self.log.event(e.pop("event"), **e)
+            if self.snapshots is not None:
                 self.snapshots.poll()
+                if self.snapshots.changed:
+                    self.group.broadcast("update_snapshot_plan", self.snapshots.rank_plan())
             for record in metrics:
                 self._on_metric(record)
             if results is not None:
@@ -146,37 +208,81 @@ class Controller:
                 return results
             time.sleep(self.spec.cluster.health_poll_s)
 
-    def _on_failure(self, failure: GroupFailure, attempt: int) -> None:
+    def _stop_for_preemption(self) -> list[dict[str, Any]]:
+        """Every rank stops after one common step and saves it durably, within the grace period."""
+        grace = self.spec.cluster.preempt_grace_s
+        t0 = time.time()
+        self.group.broadcast("request_stop")
+        results = self.group.results_within(grace)
+        metrics, events, _ = [], [], None
+        try:
+            metrics, events, _ = self.group.poll()
+        except GroupFailure:
+            pass
+        for e in events:
+            self.log.event(e.pop("event"), **e)
+        for record in metrics:
+            self._on_metric(record)
+        self.group.shutdown()
+        self.state = JobState.PREEMPTED
+        if results is None or not all(r.get("preempted") for r in results):
+            self.log.event("preempt_incomplete", grace_s=grace,
+                           reason="ranks did not reach a common step and save it within cluster.preempt_grace_s")
+            return []
+        self.preempted_step = results[0]["steps"]
+        self.log.event("preempted", step=self.preempted_step, save_s=round(time.time() - t0, 3),
+                       dir=str(self.spec.checkpoint_dir))
+        return results
+
+    def _log_restore(self, attempt: int, restored: list[dict[str, Any]]) -> None:
+        """One checkpoint_rejected per candidate a rank could not read (with that rank's reason)."""
+        for res in restored:
+            for r in res["rejected"]:
+                if "another rank" in r["reason"]:
+                    continue  # the rank that failed to read it reports the reason
+                self.log.event("checkpoint_rejected", attempt=attempt, tier=r["tier"], step=r["step"], rank=r["rank"],
+                               reason=r["reason"])
+
+    def _on_failure(self, failure: GroupFailure, attempt: int, replacing: bool) -> Decision:
         detected = time.time()
         injected = [e for e in self.log.events() if e["event"] == "failure_injected"]
+        logs = {r: str(rank_log_path(self.spec.run_dir, r)) for r in failure.ranks}
         record = self.log.event(
             "failure_detected", attempt=attempt, kind=failure.kind, ranks=failure.ranks,
-            step=failure.step or self._last_logged_step(), cause=failure.cause,
+            step=failure.step or self._last_logged_step(), cause=failure.cause, logs=logs,
+            during="replacement" if replacing else "training",
+            **({"traceback": {str(r): t for r, t in failure.details.items()}} if failure.details else {}),
             **({"since_injection_s": round(detected - injected[-1]["time"], 3)} if injected and attempt == 0 else {}),
         )
+        record.pop("traceback", None)
         self._failures.append(record)
-        if self.group is not None:
+        decision = self.policy.decide(self._failures, can_replace=self._can_replace())
+        if decision.action != "replace" and self.group is not None:
             self.group.shutdown()
             self.group = None
-        repeated = failure.kind == "error" and len(self._failures) > 1 and all(
-            f["kind"] == "error" and f["cause"] == record["cause"] and f["step"] == record["step"]
-            for f in self._failures[-2:]
-        )
-        if failure.kind == "start" or repeated or not self.policy.should_restart():
+        if decision.action == "stop":
             self.state = JobState.FAILED
-            why = ("cannot start" if failure.kind == "start" else
-                   "the same error at the same step after a restart: not transient" if repeated else
-                   f"{self.policy.restarts} restarts used")
-            self.log.event("job_failed", cause=str(failure), reason=why)
-            raise JobFailed(f"job stopped ({why}): {failure}; see {self.log.events_path}")
-        self.state = JobState.RESTARTING
+            self.log.event("job_failed", cause=str(failure), reason=decision.reason)
+            where = ", ".join(logs.values()) if failure.kind not in ("start", "restore") else str(self.log.events_path)
+            raise JobFailed(f"job stopped ({decision.reason}): {failure} (see {where})")
+        self.state = JobState.REPLACING if decision.action == "replace" else JobState.RESTARTING
         n = self.policy.record_restart()
-        self.log.event("restart", attempt=attempt + 1, restarts=n, max_restarts=self.policy.max_restarts)
+        self.log.event("restart", attempt=attempt + 1, restarts=n, max_restarts=self.policy.max_restarts,
+                       action=decision.action, reason=decision.reason)
+        return decision
+
+    def _can_replace(self) -> tuple[bool, str]:
+        """Whether lost ranks can be replaced alone, and why not."""
+        if self.spec.cluster.recovery != "replace":
+            return False, "cluster.recovery = 'restart'"
+        if self.group is None or not self.group.actors:
+            return False, "no running group"
+        return True, ""
 
     def _on_metric(self, record: dict[str, Any]) -> None:
         if record["rank"] != 0:
             return  # the loss is already the global mean; rank 0's record stands for the step
-        if self._last_metric is not None and self._last_metric.get("attempt") != record["attempt"]:
+        if record["attempt"] > 0 and (self._last_metric is None or self._last_metric["attempt"] != record["attempt"]):
             self.log.event("resumed", attempt=record["attempt"], step=record["step"])
         self._last_metric = record
         self.on_progress(record)
@@ -202,8 +308,41 @@ class Controller:
             first_step_s=round(lines[0]["time"] - self.t0, 3) if lines else None,
             run_dir=str(self.spec.run_dir),
             state=self.state.value,
+            preempted_step=self.preempted_step,
+            recoveries=recoveries(self.log.events(), lines, self.t0),
             peak_mem_bytes=max((m["peak_mem_bytes"] for m in lines), default=0),
             failures=self._failures,
         )
-        self.log.event("job_finished", **{k: v for k, v in result.to_json().items() if k != "failures"})
+        self.log.event("job_finished", **{k: v for k, v in result.to_json().items()
+                                          if k not in ("failures", "recoveries")})
         return result
+
+
+def recoveries(events: list[dict[str, Any]], metrics: list[dict[str, Any]], t0: float) -> list[dict[str, Any]]:
+    """What each failure of this run cost, from events.jsonl and metrics.jsonl alone.
+
+    Seconds run from the fault (the injection when there was one, else its detection) to the first
+    step finished after the restore; steps lost are the steps finished before the fault that the
+    restored state does not have.
+    """
+    events = [e for e in events if e["time"] >= t0]
+    out = []
+    for i, e in enumerate(events):
+        if e["event"] != "failure_detected":
+            continue
+        later = events[i + 1:]
+        injected = next((x for x in reversed(events[:i]) if x["event"] == "failure_injected"), None)
+        fault_t = injected["time"] if injected and injected["time"] >= (out[-1]["_t"] if out else t0) else e["time"]
+        restored = next((x for x in later if x["event"] == "restored"), None)
+        decision = next((x for x in later if x["event"] == "restart"), {})
+        replaced = next((x for x in later if x["event"] == "ranks_replaced"), {})
+        resumed = next((m for m in metrics if m["time"] > e["time"] and m["attempt"] > e.get("attempt", 0)), None)
+        done = max((m["step"] for m in metrics if m["time"] < fault_t), default=0)
+        out.append({"_t": e["time"], "kind": e["kind"], "ranks": e["ranks"], "action": decision.get("action", "stop"),
+                    "replacement": replaced.get("source"), "tier": restored["tier"] if restored else "none",
+                    "restored_step": restored["step"] if restored else 0,
+                    "lost_steps": max(0, done - (restored["step"] if restored else 0)),
+                    "fault_to_resumed_s": round(resumed["time"] - fault_t, 3) if resumed else None})
+    for r in out:
+        r.pop("_t")
+    return out

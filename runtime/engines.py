@@ -1,24 +1,47 @@
-"""How one rank turns a batch into gradients: data-parallel (DDP) or a pipeline schedule.
+"""How one rank turns a batch into an optimizer step: data parallel or a pipeline schedule.
 
-Both take the activation policy (``[memory]``) around their forward/backward, expose the
-parameters this rank optimizes, clip by the global gradient norm, and can bring every rank's
-parameters to rank 0 (for hashing and for single-writer checkpoints).
+Every engine offers the worker the same small surface (:class:`Engine`): forward/backward, clip,
+the optimizer step, and its state for checkpoints. The worker never touches the optimizer or the
+gradient reduction itself, so an engine that shards state (chunked placement, ZeRO) fits the same
+loop and the same checkpoint tiers.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainmem.offload import ActivationConfig, ActivationPolicy
+from trainmem.checkpoint.state import flatten_training_state, restore_training_state
+from trainmem.offload import ActivationConfig, ActivationPolicy, ChunkedEngine
 from trainmem.parallel import PipelineConfig, PipelineExecutor, build_schedule, layout_for
 
+from .grad_sync import BucketedAllReduce, sparse_grad_parameters
 from .models import GPT, lm_loss, split_into_stages
+from .optim import build_optimizer
+
+StateReader = Callable[[int], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+
+
+class Engine(Protocol):
+    last_stats: dict[str, Any]
+    """Merged into each step's metrics record."""
+    replica_group_key: str
+    """Ranks with equal keys hold identical state (one of them saves it)."""
+
+    @property
+    def data_rank_world(self) -> tuple[int, int]: ...
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float: ...
+    def clip(self, max_norm: float) -> None: ...
+    def optimizer_step(self) -> None: ...
+    def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+    def load_checkpoint(self, read: StateReader, saved_world: int) -> None: ...
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+    def on_new_group(self) -> None:
+        """The process group was formed again (a lost peer was replaced): drop per-group state."""
 
 
 def clip_by_total_norm(params: list[torch.nn.Parameter], max_norm: float, *, reduce: bool) -> None:
@@ -53,43 +76,70 @@ def build_policy(cfg: ActivationConfig, model: GPT, warmup_batch: tuple[torch.Te
     return policy
 
 
-class DataParallelEngine:
-    """Every rank holds the whole model; DDP averages gradients during backward."""
+class _ModelOptimizerState:
+    """Checkpoint state of an engine that keeps a whole model plus its optimizer (DDP, pipeline)."""
 
-    def __init__(self, model: GPT, device: torch.device, policy: ActivationPolicy | None):
+    model: GPT
+    optimizer: Any
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return flatten_training_state(self.model, self.optimizer)
+
+    def _load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        restore_training_state(self.model, self.optimizer, tensors, meta)
+        self.optimizer.zero_grad(set_to_none=True)  # a rank that rejoins may hold half a step's gradients
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+class DataParallelEngine(_ModelOptimizerState):
+    """Every rank holds the whole model; gradients are averaged in fixed buckets (deterministic)."""
+
+    replica_group_key = "data-parallel"
+
+    def __init__(self, model: GPT, policy: ActivationPolicy | None, train_cfg, timeout_s: float):
         self.model, self.policy = model, policy
-        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        params = list(model.parameters())
+        self.reducer = BucketedAllReduce(params, sparse=sparse_grad_parameters(model), timeout_s=timeout_s)
+        self.optimizer = build_optimizer(model, params, train_cfg)
         self.last_stats: dict[str, Any] = {}
+
+    def on_new_group(self) -> None:
+        self.reducer.abandon()  # collectives of the old group that never completed
 
     @property
     def data_rank_world(self) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.model.parameters())
-
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
         with self.policy.step() if self.policy else nullcontext():
-            loss = lm_loss(self.ddp(x), y)
+            loss = lm_loss(self.model(x), y)
             loss.backward()
+        self.reducer.finish()
         self.last_stats = dict(self.policy.last_stats) if self.policy else {}
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         return mean.item() / dist.get_world_size()
 
     def clip(self, max_norm: float) -> None:
-        clip_by_total_norm(self.parameters(), max_norm, reduce=False)
+        clip_by_total_norm(list(self.model.parameters()), max_norm, reduce=False)
 
-    def gather_to_rank0(self) -> None:
-        """DDP replicas are already equal."""
+    def load_checkpoint(self, read: StateReader, saved_world: int) -> None:
+        self._load(*read(0))  # replicas: one saved copy serves every rank at any world size
 
 
-class PipelineEngine:
+class PipelineEngine(_ModelOptimizerState):
     """Rank r runs the stages ``[pipeline]`` places on it; every rank reads the same global batch."""
 
-    def __init__(self, model: GPT, cfg: PipelineConfig, policy: ActivationPolicy | None):
+    def __init__(self, model: GPT, cfg: PipelineConfig, policy: ActivationPolicy | None, train_cfg):
         self.model, self.cfg, self.policy = model, cfg, policy
         rank = dist.get_rank()
+        self.replica_group_key = f"pipeline-rank-{rank}"
         layout = layout_for(cfg, len(model.blocks))
         layers = [n for _, n in sorted(s for owned in layout for s in owned)]
         stages = split_into_stages(model, layers)
@@ -99,14 +149,23 @@ class PipelineEngine:
             for s, _ in owned:
                 for p in stages[s].parameters():
                     self.owner_of[id(p)] = r
-        self.executor = PipelineExecutor(build_schedule(cfg), rank, self.owned, lm_loss, timeout_s=cfg.timeout_s)
+        self.executor = self._executor()
+        self.optimizer = build_optimizer(model, self._mine(), train_cfg)
         self.last_stats: dict[str, Any] = {}
+
+    def _executor(self) -> PipelineExecutor:
+        return PipelineExecutor(build_schedule(self.cfg), dist.get_rank(), self.owned, lm_loss,
+                                timeout_s=self.cfg.timeout_s)
+
+    def on_new_group(self) -> None:
+        """Posted sends/receives and stashes of the interrupted step belong to the old group."""
+        self.executor = self._executor()
 
     @property
     def data_rank_world(self) -> tuple[int, int]:
         return 0, 1  # pure pipeline parallelism: one data-parallel replica
 
-    def parameters(self) -> list[torch.nn.Parameter]:
+    def _mine(self) -> list[torch.nn.Parameter]:
         rank = dist.get_rank()
         return [p for p in self.model.parameters() if self.owner_of[id(p)] == rank]
 
@@ -122,16 +181,35 @@ class PipelineEngine:
 
     def clip(self, max_norm: float) -> None:
         """Clip by the norm over all stages' gradients, as the unpipelined model would."""
-        clip_by_total_norm(self.parameters(), max_norm, reduce=True)
+        clip_by_total_norm(self._mine(), max_norm, reduce=True)
 
-    def gather_to_rank0(self) -> None:
-        """Rank 0's model copy takes every stage's current parameters (for hashing and saving)."""
+    def load_checkpoint(self, read: StateReader, saved_world: int) -> None:
+        if saved_world != dist.get_world_size():
+            raise ValueError(f"a pipeline checkpoint of {saved_world} ranks cannot restore onto "
+                             f"{dist.get_world_size()} ranks (stages differ)")
+        self._load(*read(dist.get_rank()))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stage's current parameters, brought to every rank's model copy (collective)."""
         for p in self.model.parameters():
             dist.broadcast(p.data, src=self.owner_of[id(p)])
+        return self.model.state_dict()
 
 
-def build_engine(spec, model: GPT, device: torch.device, warmup_batch) -> DataParallelEngine | PipelineEngine:
+def replica_groups(spec) -> list[list[int]]:
+    """Ranks that hold identical state (one snapshot per group suffices): DDP replicas form one group;
+    pipeline stages and placement shards are each their own."""
+    world = spec.cluster.workers
+    if spec.pipeline.stages > 1 or spec.placement.enabled:
+        return [[r] for r in range(world)]
+    return [list(range(world))]
+
+
+def build_engine(spec, model: GPT, warmup_batch, device: torch.device, events=None) -> Engine:
+    if spec.placement.enabled:  # parameters, gradients and optimizer state in chunks over the tiers
+        return ChunkedEngine(model, spec.placement, lr=spec.train.lr, weight_decay=spec.train.weight_decay,
+                             loss_fn=lm_loss, device=device, events=events)
     policy = build_policy(spec.memory, model, warmup_batch) if spec.memory.activations != "none" else None
     if spec.pipeline.stages > 1:
-        return PipelineEngine(model, spec.pipeline, policy)
-    return DataParallelEngine(model, device, policy)
+        return PipelineEngine(model, spec.pipeline, policy, spec.train)
+    return DataParallelEngine(model, policy, spec.train, spec.cluster.collective_timeout_s)

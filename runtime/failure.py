@@ -1,4 +1,4 @@
-"""Failure injection (for tests and demos) and the restart policy, kept apart from the controller."""
+"""Failure injection (for tests and demos) and the failure policy, kept apart from the controller."""
 
 from __future__ import annotations
 
@@ -36,15 +36,47 @@ class InjectedFailure:
         return cls(rank=rank, step=step, kind=kind)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What to do about a failure: ``action`` is restart | stop, ``reason`` says why (for events and the user)."""
+
+    action: str
+    reason: str
+
+
 @dataclass
-class RestartPolicy:
-    """Whole-group restart, bounded by ``max_restarts`` (as Ray Train's FailureConfig)."""
+class FailurePolicy:
+    """Decides, from the failure history, whether the group restarts (as Ray Train's FailurePolicy does).
+
+    A failure that cannot be fixed by running again stops at once: the group could not start, no
+    checkpoint is restorable, or the same error recurred at the same step after a restart (a
+    deterministic bug or bad data). Otherwise restart, up to ``max_restarts``.
+    """
 
     max_restarts: int
     restarts: int = 0
 
-    def should_restart(self) -> bool:
-        return self.restarts < self.max_restarts
+    def decide(self, history: list[dict], can_replace: tuple[bool, str] = (False, "")) -> Decision:
+        """``history``: failure_detected records so far, newest last (kind, cause, step, during).
+
+        ``can_replace``: (whether the engine and settings allow replacing lost ranks alone, why not).
+        """
+        last = history[-1]
+        if last["kind"] in ("start", "restore"):
+            return Decision("stop", "cannot start" if last["kind"] == "start" else "no checkpoint can be restored")
+        if last["kind"] == "error" and len(history) > 1:
+            prev = history[-2]
+            if prev["kind"] == "error" and prev["cause"] == last["cause"] and prev["step"] == last["step"]:
+                return Decision("stop", "the same error at the same step after a restart: not transient")
+        if self.restarts >= self.max_restarts:
+            return Decision("stop", f"{self.restarts} restarts used (cluster.max_restarts={self.max_restarts})")
+        n = f"{self.restarts + 1} of {self.max_restarts}"
+        allowed, why_not = can_replace
+        if last["kind"] in ("died", "hung") and last.get("during") != "replacement" and allowed:
+            return Decision("replace", f"recovery {n}: replace rank(s) {last.get('ranks')}; healthy ranks keep running")
+        why = ("a rank raised: every rank restarts" if last["kind"] == "error" else
+               "the last replacement failed" if last.get("during") == "replacement" else why_not)
+        return Decision("restart", f"recovery {n}: restart the group ({why})")
 
     def record_restart(self) -> int:
         self.restarts += 1

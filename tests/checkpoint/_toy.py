@@ -51,15 +51,9 @@ class ToyTrainer:
         return self.writer.prepared_step
 
 
-def poll_prepared(coord, trainers: dict[int, object], timeout_s: float = 5.0) -> None:
-    """What the controller does: feed each rank's newest stored step to the coordinator."""
-    for rank, t in trainers.items():
-        try:
-            step = ray.get(t.prepared.remote(), timeout=timeout_s)
-        except ray.exceptions.RayError:
-            continue
-        if step is not None:
-            coord.on_prepared(rank, step)
+def poll_prepared(coord) -> None:
+    """What the controller does each health poll: read the votes writers logged on the holders, commit."""
+    coord.collect_votes()
 
 
 def wait_dead(handle, timeout_s: float = 20.0) -> None:

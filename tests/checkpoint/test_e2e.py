@@ -8,7 +8,9 @@ durable tier and says so in events.jsonl. Plus: a corrupted fragment in shared m
 from __future__ import annotations
 
 import glob
+import os
 import random
+import signal
 import threading
 import time
 
@@ -123,7 +125,64 @@ def test_remove_three_nodes_falls_back_to_durable(cluster, baseline, tmp_path):
     fallback = [e for e in events if e["event"] == "checkpoint.fallback_durable"]
     assert fallback and "snapshot nodes lost" in fallback[-1]["reason"], events
     restored = [e for e in events if e["event"] == "restored"]
-    assert restored[-1]["tier"] in ("disk", "flush")
+    assert restored[-1]["tier"] in ("durable", "flush")
+
+
+def _in_thread(controller):
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=controller.run()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _wait_step(spec, thread, step: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (m := read_jsonl(spec.run_dir / "metrics.jsonl")) or m[-1]["step"] < step:
+        assert time.monotonic() < deadline and thread.is_alive(), f"job did not reach step {step}"
+        time.sleep(0.05)
+
+
+def test_a_killed_holder_is_replaced_without_restarting_training(baseline, tmp_path):
+    """SIGKILL the home holder of rank 0 (its node lives on): training goes on, a new holder takes its
+    place, and a trainer killed later still restores from memory with no step lost."""
+    spec = _spec(tmp_path / "holder-kill")
+    controller = Controller(spec, inject=InjectedFailure(rank=0, step=40, kind="kill"))
+    thread, out = _in_thread(controller)
+    _wait_step(spec, thread, 10)
+    holders = controller.snapshots.holders
+    rank0_node = ray.util.placement_group_table(controller.group.pg)["bundles_to_node_id"][0]
+    victim = holders.index_of_node(rank0_node)
+    os.kill(ray.get(holders.handles[victim].ping.remote())["pid"], signal.SIGKILL)
+    thread.join(240)
+    result = out["result"]
+    events = _events(spec)
+    lost = [e for e in events if e["event"] == "checkpoint.holder_lost"]
+    assert len(lost) == 1 and lost[0]["node_alive"] is True, lost
+    assert [e["node"] for e in events if e["event"] == "checkpoint.holder_replaced"] == [rank0_node]
+    failures = [e for e in events if e["event"] == "failure_detected"]
+    assert [(f["kind"], f["ranks"]) for f in failures] == [("died", [0])], "only the trainer kill restarted ranks"
+    restored = [e for e in events if e["event"] == "restored"]
+    assert restored and restored[0]["tier"] == "memory" and restored[0]["step"] == 39
+    assert result.params_sha256 == baseline.params_sha256
+
+
+def test_losing_a_node_with_only_a_holder_keeps_training(cluster, baseline, tmp_path):
+    spec = _spec(tmp_path / "holder-node")
+    controller = Controller(spec)
+    thread, out = _in_thread(controller)
+    _wait_step(spec, thread, 12)
+    busy = set(ray.util.placement_group_table(controller.group.pg)["bundles_to_node_id"].values())
+    victim = next(n for n in _worker_nodes(cluster) if n.node_id not in busy)
+    cluster.remove_node(victim)
+    thread.join(240)
+    result = out["result"]
+    events = _events(spec)
+    lost = [e for e in events if e["event"] == "checkpoint.holder_lost"]
+    assert [(e["node"], e["node_alive"]) for e in lost] == [(victim.node_id, False)]
+    assert result.restarts == 0 and not [e for e in events if e["event"] == "failure_detected"]
+    assert result.params_sha256 == baseline.params_sha256
+    cluster.add_node(num_cpus=1, object_store_memory=80 * _MB)
+    cluster.wait_for_nodes()
 
 
 def test_corrupted_fragment_is_detected_and_decoded_around(cluster):

@@ -74,9 +74,25 @@ def test_plan_is_data_and_renders():
 
     console = Console(record=True, width=140)
     console.print(plan_table(plan))
-    text = console.export_text()
-    assert "predicted peak" in text and "predicted overhead" in text and "offload" in text or "recompute" in text
+    assert_renders(console.export_text(), plan)
     policy.remove()
+
+
+def assert_renders(text: str, plan) -> None:
+    """Every part must be there (issue 9 item 15: `a and b or c` passed whenever "recompute" appeared)."""
+    assert "predicted peak" in text
+    assert "predicted overhead" in text
+    for r in plan.rows:
+        assert r.decision in text
+    assert {r.decision for r in plan.rows} & {"offload", "recompute"}
+
+
+def test_render_check_fails_on_a_table_missing_a_part():
+    model, policy, plan, _, _ = _planned(ActivationConfig(activations="auto", activation_budget=0.5))
+    policy.remove()
+    text = "predicted peak 1 MiB ... recompute offload keep"  # no "predicted overhead"
+    with pytest.raises(AssertionError):
+        assert_renders(text, plan)
 
 
 def test_meter_counts_nothing_outside_steps_and_wrappers_restore():

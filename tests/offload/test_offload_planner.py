@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainmem.offload import BlockProfile, Choice, CostModel, PlanInfeasible, plan_blocks, predict_peak
-from trainmem.offload.planner import host_bytes, options
+from trainmem.offload.activations.planner import host_bytes, options
 
 
 @st.composite

@@ -1,21 +1,29 @@
-"""`trainmem bench pipeline --quick --json` runs our executor beside torch's Schedule1F1B."""
+"""`trainmem bench pipeline --quick --json` runs our executor beside torch's schedules at p=2 and p=4."""
 
 from __future__ import annotations
 
 import json
 
-from trainmem.parallel.bench import main
+from trainmem.parallel.bench import VARIANTS, main
 
 
 def test_quick_json(capsys):
     assert main(["--quick", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["step_ratio_1f1b_vs_torch"] > 0 and res["vhalf_peak_ratio"] > 0
-    for name in ("torch_1f1b", "ours_1f1b", "ours_vhalf"):
-        assert len(res["peak_bytes_per_rank"][name]) == 2 and min(res["peak_bytes_per_rank"][name]) > 0
-    # same model, same data, same split: the three runs compute the same loss
-    losses = list(res["loss_last_stage"].values())
-    assert max(losses) - min(losses) < 1e-5
+    for key in ("step_ratio_1f1b_vs_torch", "vhalf_peak_ratio", "step_ratio_1f1b_vs_torch_p4", "vhalf_peak_ratio_p4",
+                "vmin_peak_ratio_p4", "sim_step_error_p4"):
+        assert res[key] > 0, key
+    for p in (2, 4):
+        part = res[f"p{p}"]
+        for name in VARIANTS[p]:
+            assert len(part["peak_bytes_per_rank"][name]) == p and min(part["peak_bytes_per_rank"][name]) > 0
+        # same model, same data, same split: every variant computes the same loss
+        losses = list(part["loss_last_stage"].values())
+        assert len(losses) == len(VARIANTS[p]) and max(losses) - min(losses) < 1e-5
+    p4 = res["p4"]
+    assert set(p4["predicted_step_s"]) == set(VARIANTS[4]) and p4["send_latency_s"] > 0
+    # the V-shapes hold less than 1F1B's first rank at p=4, as the schedules promise
+    assert res["vmin_peak_ratio_p4"] < res["vhalf_peak_ratio_p4"] < 1
 
 
 def test_bad_args_exit_2(capsys):

@@ -1,5 +1,6 @@
 """The executor on CPU with gloo at 2 and 4 processes: gradients equal the unpipelined model's,
-and each rank's measured peak saved-activation memory equals the simulator's prediction."""
+each rank's measured peak saved-activation memory equals the simulator's prediction, and sent
+buffers are let go when their send completes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,28 +18,116 @@ import torch.multiprocessing as mp
 SCHEDULES = ["1f1b", "zb-h1", "zb-v", "v-half", "v-min"]
 
 
-def _stage_bytes(mod, x, y, last: bool, m: int, lm_loss, SavedBytesMeter) -> int:
-    """Independent measure: one microbatch through one stage, counted by the autograd meter."""
-    with SavedBytesMeter(list(mod.parameters())) as meter:
-        out = mod(x)
-        if last:
-            out = lm_loss(out, y) / m
-        held = meter.bytes
-    del out
-    return held
+class _SavedStorages:
+    """Saved-activation bytes alive on this rank, per stage, taken from the tensors autograd saves:
+    every pack hook (the executor's included) passes through here first, and a storage counts from
+    its first save until it is freed (weakref finalizer on the storage), charged to the stage whose
+    forward saved it (a forward pre-hook names the stage). Independent of the executor's ledger
+    and counters. ``peak_mb`` = max over saves of sum_s (bytes of s / one microbatch of s) / v."""
+
+    def __init__(self, torch) -> None:
+        self.stage = None
+        self.skip: set[int] = set()  # parameters and the step's own inputs/targets
+        self.live: dict[int, tuple[int, int]] = {}
+        self.by_stage: dict[int, int] = {}
+        self.units: dict[int, int] = {}
+        self.v = 1
+        self.peak_mb = 0.0
+        self.peak_bytes = 0
+        real = torch.autograd.graph.saved_tensors_hooks
+        tracker = self
+
+        class Spying(real):
+            def __init__(self, pack_hook, unpack_hook):
+                def pack(t):
+                    tracker.saw(t)
+                    return pack_hook(t)
+
+                super().__init__(pack, unpack_hook)
+
+        torch.autograd.graph.saved_tensors_hooks = Spying
+
+    def watch(self, stages: dict, skip_tensors) -> None:
+        for s, mod in stages.items():
+            mod.register_forward_pre_hook(lambda *_, s=s: setattr(self, "stage", s))
+        self.skip = {t.untyped_storage().data_ptr() for t in skip_tensors}
+
+    def saw(self, t) -> None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.skip or ptr in self.live:
+            return
+        self.live[ptr] = (self.stage, storage.nbytes())
+        self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + storage.nbytes()
+        weakref.finalize(storage, self._freed, ptr)
+        self.peak_bytes = max(self.peak_bytes, sum(self.by_stage.values()))
+        if self.units:
+            held = sum(b / self.units[s] for s, b in self.by_stage.items() if self.units.get(s))
+            self.peak_mb = max(self.peak_mb, held / self.v)
+
+    def _freed(self, ptr: int) -> None:
+        stage, nbytes = self.live.pop(ptr)
+        self.by_stage[stage] -= nbytes
+
+    def measure_units(self, torch, stages: dict, inputs, last_stage: int, loss) -> None:
+        """One microbatch through each stage alone: the bytes it saves are that stage's unit."""
+        for s, mod in stages.items():
+            before = self.by_stage.get(s, 0)
+            kept: list = []  # owning the saved tensors here keeps autograd's graph free of cycles
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or len(kept) - 1, kept.__getitem__):
+                out = mod(inputs(s))
+                if s == last_stage:
+                    out = loss(out)
+            self.units[s] = self.by_stage.get(s, 0) - before
+            kept.clear()
+            del out
+            assert self.by_stage.get(s, 0) == before, f"stage {s}: saved tensors outlived the graph"
+
+    def start(self, v: int) -> None:
+        self.v, self.peak_mb, self.peak_bytes = v, 0.0, 0
+
+
+class _SentBytes:
+    """Bytes of the tensors handed to ``dist.isend`` that are still alive, tracked by weakref
+    finalizers on their storages (what the executor really keeps of its sends, independent of
+    its own counters). ``peak_msgs`` is sampled at every send, in units of the largest message."""
+
+    def __init__(self, dist) -> None:
+        self.live: dict[int, int] = {}
+        self.peak = self.biggest = 0
+        real = dist.isend
+
+        def isend(tensor, dst, group=None, tag=0):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.live:
+                self.live[storage.data_ptr()] = storage.nbytes()
+                weakref.finalize(storage, self.live.pop, storage.data_ptr(), None)
+            self.biggest = max(self.biggest, storage.nbytes())
+            self.peak = max(self.peak, sum(self.live.values()))
+            return real(tensor, dst, group=group, tag=tag)
+
+        dist.isend = isend
+
+    def start(self) -> None:
+        self.peak = self.biggest = 0
+
+    @property
+    def peak_msgs(self) -> float:
+        return self.peak / self.biggest if self.biggest else 0.0
 
 
 def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainmem.parallel import (PipelineError, PipelineExecutor, SavedBytesMeter, make_schedule, order_peak,
-                                   stage_layout, with_offload)
+    from trainmem.parallel import PipelineError, PipelineExecutor, make_schedule, order_peak, stage_layout, with_offload
     from trainmem.runtime.models import ModelConfig, build, lm_loss, split_into_stages
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=p, timeout=dt.timedelta(seconds=60))
+    sent = _SentBytes(dist)
+    saved = _SavedStorages(torch)
     n_layer, m, seq = 2 * p, 2 * p, 8
     cfg = ModelConfig(size="tiny", n_layer=n_layer, seq_len=seq, d_model=32, n_head=2)
     gen = torch.Generator().manual_seed(1)
@@ -48,6 +138,7 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
     results = {}
     extra = [("gpipe", False), ("interleaved", False), ("zb-h2", False), ("1f1b", True), ("v-half", True)]
     cases = [(n, False) for n in SCHEDULES] + (extra if p == 2 else [])
+    hidden = torch.randn(2, seq, cfg.d_model, dtype=torch.float64)  # a stage input, cloned per use
     for name, offload in cases:
         model = build(cfg, seed=0).double()
         sched = make_schedule(name, p, m)
@@ -57,22 +148,40 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
         counts = {s: k for row in layout for s, k in row}
         stages = split_into_stages(model, [counts[s] for s in sorted(counts)])
         mine = {s: stages[s] for s, _ in layout[rank]}
+        saved.watch(mine, [q for mod in mine.values() for q in mod.parameters()] + [t for mb in mbs for t in mb])
+        saved.measure_units(torch, mine, lambda s: mbs[0][0] if s == 0 else hidden.clone().requires_grad_(),
+                            sched.n_stages - 1, lambda out: lm_loss(out, mbs[0][1]) / m)
         ex = PipelineExecutor(sched, rank, mine, lm_loss, timeout_s=60)
         steps = 2 if (name == "1f1b" and not offload) else 1
+        sent.start()
+        saved.start(sched.v)
         for _ in range(steps):
             stats = ex.step(mbs)
         own = {id(q) for mod in mine.values() for q in mod.parameters()}
         err = max((q.grad - steps * ref_grads[n]).abs().max().item() for n, q in model.named_parameters() if id(q) in own)
-        hidden = torch.randn(2, seq, cfg.d_model, dtype=torch.float64, requires_grad=True)
-        weights = {s: _stage_bytes(mod, mbs[0][0] if s == 0 else hidden, mbs[0][1], s == sched.n_stages - 1, m,
-                                   lm_loss, SavedBytesMeter) for s, mod in mine.items()}
         results[f"{name}{'+offload' if offload else ''}"] = {
-            "grad_err": err, "loss": stats.loss, "peak_mb": stats.peak_mb, "peak_bytes": stats.peak_bytes,
-            "sim_mb": order_peak(sched)[rank], "sim_bytes": order_peak(sched, weights)[rank],
+            "grad_err": err, "loss": stats.loss, "sim_mb": order_peak(sched)[rank],
+            "sim_bytes": order_peak(sched, saved.units)[rank],
+            "measured_mb": saved.peak_mb, "measured_bytes": saved.peak_bytes,
+            "exec_mb": stats.peak_mb, "exec_bytes": stats.peak_bytes,
             "exec_stage_bytes": {str(k): v for k, v in stats.stage_bytes.items()},
-            "meter_stage_bytes": {str(k): v for k, v in weights.items()},
+            "units": {str(k): v for k, v in saved.units.items()},
             "host_pool": ex.pool.allocated_bytes,
         }
+    if p == 2:  # many microbatches: sent buffers must not pile up over the step
+        long = [(torch.randint(0, 256, (2, seq), generator=gen), torch.randint(0, 256, (2, seq), generator=gen))
+                for _ in range(4 * m)]
+        for name in ("1f1b", "zb-v"):
+            layout = stage_layout(name, p, n_layer)
+            counts = {s: k for row in layout for s, k in row}
+            stages = split_into_stages(build(cfg, seed=0).double(), [counts[s] for s in sorted(counts)])
+            ex = PipelineExecutor(make_schedule(name, p, 4 * m), rank, {s: stages[s] for s, _ in layout[rank]},
+                                  lm_loss, timeout_s=60)
+            ex.step(long)  # the first step also sends the shape headers
+            sent.start()
+            stats = ex.step(long)
+            results[f"long-{name}"] = {"sent_peak_msgs": sent.peak_msgs, "transfer_bytes": stats.peak_transfer_bytes,
+                                       "message_bytes": sent.biggest}
     if p == 2:  # a peer that never sends: the wait times out and names rank, action and peer
         sched = make_schedule("1f1b", 2, 2)
         model = build(cfg, seed=0).double()
@@ -116,21 +225,35 @@ def test_executor_matches_unpipelined_and_simulator(p, tmp_path):
         for r, res in enumerate(ranks):
             got = res[name]
             assert got["grad_err"] < 1e-6, f"{name} rank {r}: grads differ by {got['grad_err']}"
-            assert got["peak_mb"] == pytest.approx(got["sim_mb"]), f"{name} rank {r}"
-            assert got["exec_stage_bytes"] == got["meter_stage_bytes"], f"{name} rank {r}"
-            assert got["peak_bytes"] == got["sim_bytes"], f"{name} rank {r}"
+            # M_B measured from the saved tensors' storages (not from a counter) equals the simulator's
+            assert got["measured_mb"] == pytest.approx(got["sim_mb"]), f"{name} rank {r}"
+            assert got["measured_bytes"] == got["sim_bytes"], f"{name} rank {r}"
+            # the executor's own figures agree with that independent measure
+            assert got["exec_stage_bytes"] == got["units"], f"{name} rank {r}"
+            assert got["exec_bytes"] == got["measured_bytes"] and got["exec_mb"] == pytest.approx(got["measured_mb"])
     # V-shapes hold less than 1F1B's first rank where the theory says so
-    assert max(r["v-min"]["peak_mb"] for r in ranks) <= max(r["1f1b"]["peak_mb"] for r in ranks)
+    assert max(r["v-min"]["measured_mb"] for r in ranks) <= max(r["1f1b"]["measured_mb"] for r in ranks)
     if p == 4:
-        assert max(r["v-half"]["peak_mb"] for r in ranks) == 3 and ranks[0]["1f1b"]["peak_mb"] == 4
+        assert max(r["v-half"]["measured_mb"] for r in ranks) == pytest.approx(3)
+        assert ranks[0]["1f1b"]["measured_mb"] == pytest.approx(4)
+        assert max(r["v-min"]["measured_mb"] for r in ranks) == pytest.approx(2)
     if p == 2:
         for name in ("gpipe", "interleaved", "zb-h2", "1f1b+offload", "v-half+offload"):
             for r, res in enumerate(ranks):
                 got = res[name]
                 assert got["grad_err"] < 1e-6, f"{name} rank {r}"
-                assert got["peak_bytes"] == got["sim_bytes"] and got["peak_mb"] == pytest.approx(got["sim_mb"])
-        assert ranks[0]["1f1b+offload"]["peak_mb"] < ranks[0]["1f1b"]["peak_mb"]
+                assert got["exec_bytes"] == got["sim_bytes"] and got["exec_mb"] == pytest.approx(got["sim_mb"])
+                if "offload" in name:  # offloaded stashes really left device memory (reloads are not packs)
+                    assert got["measured_mb"] <= got["sim_mb"] + 1e-9, f"{name} rank {r}"
+                else:
+                    assert got["measured_mb"] == pytest.approx(got["sim_mb"]), f"{name} rank {r}"
+        assert ranks[0]["1f1b+offload"]["exec_mb"] < ranks[0]["1f1b"]["exec_mb"]
         assert ranks[0]["1f1b+offload"]["host_pool"] > 0
+        for r, res in enumerate(ranks):  # 16 resp. 32 sends per rank in a step; few are held at once
+            for name in ("1f1b", "zb-v"):
+                long = res[f"long-{name}"]
+                assert 1 <= long["sent_peak_msgs"] <= 3, f"{name} rank {r}: {long['sent_peak_msgs']} sent buffers alive at once"
+                assert long["message_bytes"] <= long["transfer_bytes"] <= 6 * long["message_bytes"], f"{name} rank {r}"
         err = ranks[0]["timeout"]["error"]
         assert err and "rank 0" in err and "RECV_B" in err and "from rank 1" in err
         assert ranks[0]["timeout"]["after_s"] < 30

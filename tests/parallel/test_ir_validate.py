@@ -66,11 +66,15 @@ def test_offload_order_is_checked():
 
 # ---- hypothesis ---------------------------------------------------------------------------------
 
-@st.composite
-def random_schedules(draw):
+def random_schedules(min_p: int = 1):
     """Valid by construction: the greedy list scheduler with random priorities and no memory cap
-    (or a named generator), optionally with explicit send/recv."""
-    p = draw(st.integers(1, 4))
+    (or a named generator), optionally with offload and explicit send/recv."""
+    return _random_schedule(min_p)
+
+
+@st.composite
+def _random_schedule(draw, min_p):
+    p = draw(st.integers(min_p, 4))
     m = draw(st.integers(1, 5))
     if draw(st.booleans()):
         name = draw(st.sampled_from(SCHEDULE_NAMES))
@@ -104,44 +108,49 @@ def test_random_valid_schedules_pass(sched):
 
 def _same_rank_deps(sched, r, a):
     """Actions on rank r that must precede a (same-rank dependencies only)."""
-    deps = []
-    if a.kind is Kind.F and a.stage > 0 and sched.rank_of(a.stage - 1) == r:
-        deps.append((Kind.F, a.stage - 1, a.mb))
-    if a.kind in (Kind.B, Kind.BW):
-        deps.append((Kind.F, a.stage, a.mb))
+    s, mb = a.stage, a.mb
+    if a.kind is Kind.F and s > 0 and sched.rank_of(s - 1) == r:
+        return [(Kind.F, s - 1, mb)]
+    if a.kind in (Kind.B, Kind.BW, Kind.SEND_F, Kind.OFFLOAD):
+        return [(Kind.F, s, mb)]
     if a.kind is Kind.W:
-        deps.append((Kind.B, a.stage, a.mb))
-    if a.kind in (Kind.SEND_F,):
-        deps.append((Kind.F, a.stage, a.mb))
-    if a.kind is Kind.RECV_F or a.kind is Kind.RECV_B:
-        return []
-    return deps
+        return [(Kind.B, s, mb)]
+    if a.kind is Kind.SEND_B:
+        return [(Kind.B, s, mb), (Kind.BW, s, mb)]
+    if a.kind is Kind.RELOAD:
+        return [(Kind.OFFLOAD, s, mb)]
+    return []
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(random_schedules(), st.integers(0, 10**6), st.sampled_from(["drop", "dup", "before_dep", "wrong_rank"]))
-def test_breaking_mutations_are_rejected(sched, pick, how):
+@st.composite
+def _mutated(draw, how):
+    """A valid schedule broken one way; the target is drawn among the actions the mutation applies
+    to, so every example is a real break (no example is skipped)."""
+    sched = draw(random_schedules(min_p=2 if how == "wrong_rank" else 1))
     rows = [list(r) for r in sched.ranks]
-    flat = [(r, i) for r, row in enumerate(rows) for i, a in enumerate(row)]
-    r, i = flat[pick % len(flat)]
+    keys = [[(x.kind, x.stage, x.mb) for x in row] for row in rows]
+    targets = [(r, i) for r, row in enumerate(rows) for i, a in enumerate(row)
+               if how != "before_dep" or any(d in keys[r][:i] for d in _same_rank_deps(sched, r, a))]
+    r, i = draw(st.sampled_from(targets))
     a = rows[r][i]
     if how == "drop":
-        if a.kind in (Kind.OFFLOAD, Kind.RELOAD):
-            return
         del rows[r][i]
     elif how == "dup":
         rows[r].insert(i, a)
     elif how == "before_dep":
-        keys = [(x.kind, x.stage, x.mb) for x in rows[r]]
-        deps = [keys.index(d) for d in _same_rank_deps(sched, r, a) if d in keys]
-        if not deps:
-            return
+        first = min(keys[r].index(d) for d in _same_rank_deps(sched, r, a) if d in keys[r][:i])
         del rows[r][i]
-        rows[r].insert(min(deps), a)
+        rows[r].insert(first, a)
     else:
-        if sched.p < 2:
-            return
         del rows[r][i]
         rows[(r + 1) % sched.p].insert(0, a)
+    return sched.with_ranks(rows)
+
+
+@pytest.mark.parametrize("how", ["drop", "dup", "before_dep", "wrong_rank"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_breaking_mutations_are_rejected(how, data):
+    broken = data.draw(_mutated(how))
     with pytest.raises(ScheduleError, match=r"rank \d+"):
-        validate(sched.with_ranks(rows))
+        validate(broken)

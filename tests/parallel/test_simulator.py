@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from trainmem.parallel import (Costs, DeadlockError, Kind, make_schedule, order_peak, pick, simulate, v_block,
                                validate, with_offload)
@@ -43,9 +45,16 @@ def test_zero_bubble_family(p, m):
         h2 = _sim("zb-h2", p, m)
         assert h2.bubble == pytest.approx(0.0, abs=1e-12)
         assert h2.peak_mb == [2 * p] * p
-        zbv = _sim("zb-v", p, m)
-        assert zbv.bubble == pytest.approx(0.0, abs=1e-12)
-        assert zbv.peak_mb == [p] * p
+
+
+@pytest.mark.parametrize("p", range(2, 17))
+def test_zb_v_is_zero_bubble_with_peak_p(p):
+    for m in (2 * p, 3 * p):
+        res = _sim("zb-v", p, m)
+        assert res.bubble == pytest.approx(0.0, abs=1e-12), f"p={p} m={m}"
+        assert res.peak_mb == [p] * p, f"p={p} m={m}"
+        # zero bubble: every rank is busy from its first to its last action, 3m half-unit passes x 2
+        assert all(b == pytest.approx(0.0, abs=1e-12) for b in res.bubble_per_rank)
 
 
 def test_table_figures_p4_m8():
@@ -55,8 +64,9 @@ def test_table_figures_p4_m8():
     assert round(_sim("v-min", 4, 8).bubble, 4) == 0.1864
 
 
-@pytest.mark.parametrize("p,m", [(2, 4), (3, 6), (4, 8), (4, 16), (6, 12), (8, 16)])
-def test_v_shapes_memory(p, m):
+@pytest.mark.parametrize("p", range(2, 17))
+def test_v_shapes_memory(p):
+    m = 2 * p
     half, vmin = _sim("v-half", p, m), _sim("v-min", p, m)
     assert max(half.peak_mb) == (p + 2) // 2
     assert max(vmin.peak_mb) == (p + 4) // 3
@@ -66,6 +76,18 @@ def test_v_shapes_memory(p, m):
     for step, res in ((2, half), (1, vmin)):
         bound = v_block("x", p, step).predicted_peak_mb(m)
         assert all(a <= b + 1e-9 for a, b in zip(res.peak_mb, bound))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(2, 16), st.data())
+def test_v_shapes_and_zb_v_at_random_p_and_m(p, data):
+    m = data.draw(st.integers(1, 3 * p), label="m")
+    name = data.draw(st.sampled_from(["zb-v", "v-half", "v-min"]), label="schedule")
+    res = _sim(name, p, m)  # validates: dependencies, p2p order, deadlock freedom
+    bound = {"zb-v": p, "v-half": (p + 2) // 2, "v-min": (p + 4) // 3}[name]
+    assert max(res.peak_mb) <= bound + 1e-9
+    if name == "zb-v" and m >= 2 * p - 1:
+        assert res.bubble == pytest.approx(0.0, abs=1e-12) and res.peak_mb == [p] * p
 
 
 def test_costs_scale_time_not_bubble_shape():

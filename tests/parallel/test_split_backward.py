@@ -20,7 +20,7 @@ def _grads(stage, x, y, split: bool):
     sb = SplitBackward(loss, xx, params)
     gx = sb.input_grad(None)
     assert all(p.grad is None for p in params)  # B computed no weight gradient
-    sb.weight_grad(None)
+    sb.weight_grad()
     assert xx.grad is None  # W did not recompute the input gradient
     return gx, [p.grad.clone() for p in params], sb
 
@@ -45,7 +45,7 @@ def test_weight_reused_on_both_sides_falls_back_correctly():
     sb = SplitBackward(out, x, list(lin.parameters()))
     assert not sb.safe  # the weight also sits under the x side of a boundary node
     gx = sb.input_grad(None)
-    sb.weight_grad(None)
+    sb.weight_grad()
     split = [p.grad.clone() for p in lin.parameters()]
     lin.zero_grad(set_to_none=True)
     x2 = x.detach().clone().requires_grad_()

@@ -15,3 +15,7 @@ def test_bench_launch_quick_prints_json_beside_ray_train(capsys):
         assert result[key] > 0 and result[f"raytrain_{key}"] > 0
     # Detection is a health poll (0.5 s) plus actor-death notice, far under the 60 s hang timeout.
     assert result["detect_s"] < 10
+    assert result["replacement"] == {"cold": "cold", "spare": "spare"} and result["restored_tier"] == "memory"
+    assert result["lost_steps"] == 0, "snapshots every step: nothing lost, cold or spare"
+    for key in ("recover_s_spare", "recover_s_cold", "raytrain_recover_s", "raytrain_lost_steps"):
+        assert key in result

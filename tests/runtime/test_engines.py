@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from trainmem.parallel import PipelineConfig, build_schedule, order_peak
 from trainmem.runtime import Controller, InjectedFailure, load_spec
 from trainmem.runtime.runlog import read_jsonl
 
@@ -36,8 +37,14 @@ def test_pipeline_job_recovers_bitwise_and_matches_the_unpipelined_model(ray_clu
     single = Controller(_spec(tmp_path / "single", model=PIPE["model"], train=PIPE["train"],
                               cluster={"workers": 1})).run()
     assert _losses(clean) == pytest.approx(_losses(single), rel=1e-4)
+    # peak_mb is measured from the bytes the stashes' saved tensors hold (rank 0 writes metrics);
+    # the simulator says 1F1B's rank 0 holds min(p - 0, m) = 2 microbatch-stages at p=2
+    sim = order_peak(build_schedule(PipelineConfig(**PIPE["pipeline"])))
+    assert sim[0] == 2.0
     peaks = [m["peak_mb"] for m in read_jsonl(clean.run_dir + "/metrics.jsonl")]
-    assert max(peaks) == 2.0  # 1F1B, p=2, rank 0 holds min(p - 0, m) = 2 microbatch-stages
+    assert max(peaks) == pytest.approx(sim[0])
+    saved = [m["peak_saved_bytes"] for m in read_jsonl(clean.run_dir + "/metrics.jsonl")]
+    assert min(saved) > 0
 
 
 def test_memory_policy_respects_its_budget_keeps_the_math_and_recovers(ray_cluster, tmp_path):
@@ -75,7 +82,13 @@ def test_a_deterministic_error_stops_after_one_restart(ray_cluster, tmp_path):
     pq.write_table(pa.table({"tokens": [[300] * 500]}), tmp_path / "ids.parquet")
     spec = _spec(tmp_path / "bad", data={"source": "files", "paths": [str(tmp_path / "ids.parquet")],
                                          "cache_dir": str(tmp_path / "cache")})
-    with pytest.raises(JobFailed, match="not transient"):
+    with pytest.raises(JobFailed, match=r"not transient.*see .*logs/rank-\d\.log"):
         Controller(spec).run()
     failures = [e for e in read_jsonl(spec.run_dir / "events.jsonl") if e["event"] == "failure_detected"]
     assert len(failures) == 2 and "model.vocab_size" in failures[0]["cause"]
+    # The whole remote traceback is in events.jsonl, and in every failed rank's own log file.
+    for rank, text in failures[0]["traceback"].items():
+        assert 'in _setup' in text and "raise ValueError" in text and "vocab_size" in text and "\x1b[" not in text
+        log = failures[0]["logs"][rank]
+        assert log.endswith(f"logs/rank-{rank}.log")
+        assert "Traceback (most recent call last)" in open(log).read() and "vocab_size" in open(log).read()

@@ -59,7 +59,7 @@ def test_killed_worker_is_detected_restarted_and_bitwise_equal(baseline, tmp_pat
     detected = next(e for e in events if e["event"] == "failure_detected")
     assert detected["kind"] == "died" and detected["ranks"] == [1]
     restored = next(e for e in events if e["event"] == "restored")
-    assert restored["step"] == 10 and restored["tier"] == "disk"
+    assert restored["step"] == 10 and restored["tier"] == "durable"
     steps = [m["step"] for m in read_jsonl(spec.run_dir / "metrics.jsonl")]
     assert steps[-1] == 30 and set(steps) == set(range(1, 31))
 
@@ -74,6 +74,9 @@ def test_hung_worker_is_detected_within_timeout_and_recovered(baseline, tmp_path
     assert detected["kind"] == "hung" and 1 in detected["ranks"]
     assert detected["since_injection_s"] <= spec.cluster.hang_timeout_s + 10
     assert "injected_hang" in detected["cause"]
+    # Where it hung: every thread's Python stack, in the event and in the rank's log.
+    assert "_maybe_inject" in detected["traceback"]["1"]
+    assert "_maybe_inject" in open(detected["logs"]["1"]).read()
 
 
 def test_restarts_exhausted_stops_with_the_cause(ray_cluster, tmp_path):

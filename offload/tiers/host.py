@@ -1,8 +1,9 @@
-"""A host buffer pool allocated once (pinned when CUDA is there), bump-allocated per step.
+"""The host tier: one buffer pool allocated once (pinned when CUDA is there), never grown.
 
 MemAscend's lesson: one arena and offsets, never a per-tensor host allocation, so nothing fragments
-and the pool can never grow past its size. Each step allocates regions from the start and
-:meth:`reset` rewinds once the previous step's copies have finished.
+and the pool can never grow past its size. Activation offload bump-allocates regions per step and
+:meth:`reset` rewinds once the previous step's copies have finished; parameter placement carves its
+chunk-shard slabs once at set-up and never rewinds. ``high_water`` is the pool's peak use.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import torch
 
 ALIGN = 256  # bytes: keeps every dtype view aligned and suits DMA on GPUs
+DIRECT_IO_ALIGN = 4096  # O_DIRECT needs buffers, offsets and lengths aligned to the block size
 
 
 class HostPoolFull(RuntimeError):
@@ -19,12 +21,15 @@ class HostPoolFull(RuntimeError):
 
 
 class HostPool:
-    def __init__(self, nbytes: int, *, pin: bool = False):
+    def __init__(self, nbytes: int, *, pin: bool = False, align_base: int = DIRECT_IO_ALIGN):
         if nbytes < 0:
             raise ValueError(f"nbytes={nbytes} must be >= 0")
         self.capacity = int(nbytes)
         self.pinned = bool(pin and nbytes > 0)
-        self.arena = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        # over-allocate so offset 0 sits on an align_base boundary (O_DIRECT buffers)
+        raw = torch.empty(self.capacity + align_base, dtype=torch.uint8, pin_memory=self.pinned)
+        skip = (-raw.data_ptr()) % align_base
+        self.arena = raw[skip: skip + self.capacity]
         self.used = 0
         self.high_water = 0
         self._lock = threading.Lock()
@@ -33,10 +38,10 @@ class HostPool:
     def storage_ptr(self) -> int:
         return self.arena.untyped_storage().data_ptr()
 
-    def alloc(self, nbytes: int, what: str = "tensor") -> tuple[int, torch.Tensor]:
+    def alloc(self, nbytes: int, what: str = "tensor", align: int = ALIGN) -> tuple[int, torch.Tensor]:
         """Reserve ``nbytes``; returns (offset, uint8 view). Raises :class:`HostPoolFull`, never grows."""
         with self._lock:
-            start = -(-self.used // ALIGN) * ALIGN
+            start = -(-self.used // align) * align
             end = start + int(nbytes)
             if end > self.capacity:
                 raise HostPoolFull(

@@ -3,7 +3,8 @@
 Both stores are used as ``saved_tensors_hooks(store.pack, store.unpack)``. Parameters pass through
 untouched (never offloaded, never metered).
 
-Offload copies run asynchronously: on CPU a copy thread writes into a pool region; on CUDA a
+Offload copies run asynchronously through the tiers' one copy engine (which counts every byte):
+on CPU its copy thread writes into a pool region; on CUDA a
 side stream copies device → pinned pool with an event, ``record_stream`` keeps the source's memory
 from being reused before the copy ran, and backward fetches regions back on a second stream (the
 block about to run plus ``prefetch_blocks`` ahead), waiting on the D2H event first (a reload must
@@ -14,14 +15,12 @@ through the tensor's version counter and raised, never silently copied torn.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..tiers import CopyEngine, HostPool
 from .meter import SavedBytesMeter
-from .pool import HostPool
 
-COPY_TIMEOUT_S = 120.0
 WHOLE_STORAGE_RATIO = 4  # copy a view's whole storage when it is at most this many times the view
 
 
@@ -103,12 +102,13 @@ class _Offloaded:
 class OffloadEngine:
     """The offload store: ``pack``/``unpack`` plus per-block and per-step synchronization."""
 
-    def __init__(self, pool: HostPool, meter: SavedBytesMeter, *, min_bytes: int = 0, prefetch_blocks: int = 1):
+    def __init__(self, pool: HostPool, meter: SavedBytesMeter, *, min_bytes: int = 0, prefetch_blocks: int = 1,
+                 copier: CopyEngine | None = None):
         self.pool, self.meter, self.min_bytes, self.prefetch_blocks = pool, meter, min_bytes, prefetch_blocks
+        self.copier = copier if copier is not None else CopyEngine("cpu")
         self.meter.ignored.add(pool.storage_ptr)
         self._keep = KeepStore(meter)
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, tuple] = {}
         self.block = -1
         self._dedupe: dict[tuple, _Region] = {}
@@ -157,7 +157,7 @@ class OffloadEngine:
             if r.src is None:
                 continue
             if r.done is not None:
-                r.done.result(timeout=COPY_TIMEOUT_S)
+                r.done.wait()
             elif r.d2h_event is not None:
                 r.d2h_event.synchronize()
             if r.src._version != r.src_version:
@@ -219,16 +219,12 @@ class OffloadEngine:
                 region.d2h_event = torch.cuda.Event()
                 region.d2h_event.record(d2h)
             t.record_stream(d2h)  # the allocator must not hand t's memory out before this copy ran
+            self.copier.count("device", "host", nbytes)
         else:
-            region.done = self._copy_thread().submit(dst.copy_, src)
+            region.done = self.copier.copy(dst, src, "device", "host", what=f"offload of block {self.block} {what}")
         self._unfinished.append(region)
         self._by_block[self.block].append(region)
         return region
-
-    def _copy_thread(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="trainmem-offload")
-        return self._executor
 
     def _cuda_streams(self, device: torch.device) -> tuple:
         if device not in self._streams:
@@ -270,9 +266,8 @@ class OffloadEngine:
             dev.copy_(region.host, non_blocking=True)
             region.h2d_event = torch.cuda.Event()
             region.h2d_event.record(h2d)
+        self.copier.count("host", "device", region.host.numel())
         region.dev, region.dev_key = dev, self.meter.add(dev)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        self.copier.close()

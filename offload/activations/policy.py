@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from ..tiers import ALIGN, HostPool
 from .config import ActivationConfig
 from .meter import SavedBytesMeter
 from .planner import (KEEP, OFFLOAD, RECOMPUTE, BlockProfile, Choice, CostModel, Plan, build_plan, plan_blocks)
-from .pool import ALIGN, HostPool
 from .recompute import recompute
 from .split import Probe, is_splittable, split_forward
 from .stores import KeepStore, OffloadEngine
@@ -279,6 +279,7 @@ class ActivationPolicy:
         self._refresh_ignored()
         if self.engine is not None:
             self.engine.begin_step()
+            self.engine.copier.reset_stats()
         self.meter.reset_peak()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
@@ -292,3 +293,5 @@ class ActivationPolicy:
             self.last_stats = self.meter.snapshot()
             if self.pool is not None:
                 self.last_stats["host_pool_used_bytes"] = self.pool.high_water
+            if self.engine is not None:
+                self.last_stats.update(self.engine.copier.stats())

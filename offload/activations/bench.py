@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--configs", default="small:2048,small:4096,small:8192,base:2048",
                    help="comma-separated size:seq_len pairs")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per policy, interleaved; the fastest is kept")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per policy, interleaved; the median is reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -124,7 +125,8 @@ class _Config:
 
 
 def _run_config(size: str, seq_len: int, args, progress, task) -> list[dict]:
-    """All five policies on one (size, seq_len); timed steps interleaved, the fastest kept (load noise)."""
+    """All five policies on one (size, seq_len); timed steps interleaved (load hits every policy alike), the
+    median wall clock reported, with CPU seconds beside it."""
     cfg = ModelConfig(size=size, seq_len=seq_len)
     device = args.device
     g = torch.Generator().manual_seed(0)
@@ -155,9 +157,10 @@ def _run_config(size: str, seq_len: int, args, progress, task) -> list[dict]:
     rows = []
     for name in POLICIES:
         run = runs[name]
+        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
         row = {"size": size, "seq_len": seq_len, "batch_size": args.batch_size, "policy": name,
-               "peak_bytes": max(peaks[name]), "step_s": min(times[name]), "step_s_all": times[name],
-               "step_cpu_s": min(cpu[name]), "extra_step_cpu_s": min(cpu[name]) - min(cpu["none"]),
+               "peak_bytes": max(peaks[name]), "step_s": med, "step_s_all": times[name],
+               "step_cpu_s": med_cpu, "extra_step_cpu_s": med_cpu - statistics.median(cpu["none"]),
                "flops": flops[name], "peak_estimated": name == "checkpoint"}
         if name == "checkpoint":
             row["peak_bytes"] += max_block  # torch's recompute transient, invisible to outer hooks
@@ -165,7 +168,7 @@ def _run_config(size: str, seq_len: int, args, progress, task) -> list[dict]:
             row["budget_bytes"] = run.plan.budget_bytes
             row["predicted_peak"] = run.plan.predicted_peak
             row["plan"] = [f"{r.decision}{'' if r.alpha is None else f'@{r.alpha:g}'}" for r in run.plan.rows]
-        row["extra_step_s"] = row["step_s"] - min(times["none"])
+        row["extra_step_s"] = row["step_s"] - statistics.median(times["none"])
         row["recomputed_flops"] = flops[name] - flops["none"]
         rows.append(row)
         run.close()
@@ -173,21 +176,24 @@ def _run_config(size: str, seq_len: int, args, progress, task) -> list[dict]:
 
 
 def _summary(rows: list[dict]) -> dict:
-    ratios, wall_ratios, flop_ratios = [], [], []
+    """Ratios of our 50%-budget plan's extra step time to full recompute's: wall clock (the headline), CPU
+    seconds and recomputed FLOPs beside it; the worst configuration is reported."""
+    cpu_ratios, wall_ratios, flop_ratios = [], [], []
     for key in sorted({(r["size"], r["seq_len"]) for r in rows}):
         by = {r["policy"]: r for r in rows if (r["size"], r["seq_len"]) == key}
         ck, ours = by["checkpoint"], by["ours@50%"]
         if ck["extra_step_cpu_s"] > 0:
-            ratios.append(ours["extra_step_cpu_s"] / ck["extra_step_cpu_s"])
+            cpu_ratios.append(ours["extra_step_cpu_s"] / ck["extra_step_cpu_s"])
         if ck["extra_step_s"] > 0:
             wall_ratios.append(ours["extra_step_s"] / ck["extra_step_s"])
         if ck["recomputed_flops"] > 0:
             flop_ratios.append(ours["recomputed_flops"] / ck["recomputed_flops"])
     return {
-        "extra_vs_recompute_50": max(ratios) if ratios else None,
-        "extra_vs_recompute_50_each": ratios,
-        "extra_vs_recompute_50_basis": "process CPU seconds per step (wall-clock on a shared machine is noise)",
-        "extra_vs_recompute_50_wall_each": wall_ratios,
+        "extra_vs_recompute_50": max(wall_ratios) if wall_ratios else None,
+        "extra_vs_recompute_50_each": wall_ratios,
+        "extra_vs_recompute_50_basis": "wall clock: median of interleaved steps",
+        "extra_vs_recompute_50_cpu": max(cpu_ratios) if cpu_ratios else None,
+        "extra_vs_recompute_50_cpu_each": cpu_ratios,
         "recomputed_flops_vs_recompute_50": max(flop_ratios) if flop_ratios else None,
         "budget_respected": all(r["peak_bytes"] <= r["budget_bytes"] for r in rows if "budget_bytes" in r),
     }
@@ -235,9 +241,11 @@ def main(argv: list[str]) -> int:
               "machine": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     Console(width=160).print(_table(rows))
     ratio = result["extra_vs_recompute_50"]
-    print(f"our extra step CPU time at 50% budget / full recompute's: {ratio if ratio is None else f'{ratio:.2f}'} "
-          f"(target <= 0.5); recomputed FLOPs ratio {result['recomputed_flops_vs_recompute_50']}; "
-          f"budgets respected: {result['budget_respected']}")
+    cpu_ratio = result["extra_vs_recompute_50_cpu"]
+    print(f"our extra step wall time at 50% budget / full recompute's: {ratio if ratio is None else f'{ratio:.2f}'} "
+          f"(median of interleaved steps; target <= 0.5); CPU seconds ratio "
+          f"{cpu_ratio if cpu_ratio is None else f'{cpu_ratio:.2f}'}; recomputed FLOPs ratio "
+          f"{result['recomputed_flops_vs_recompute_50']}; budgets respected: {result['budget_respected']}")
     if args.json:
         print(json.dumps(result))
     return 0

@@ -1,0 +1,135 @@
+"""Where a (re)started job restores from: every tier's candidates, newest step first, then walked.
+
+The driver lists candidates over all tiers (:func:`disk_candidates`, plus the in-memory steps the
+snapshot coordinator verified) and orders them newest step first, the fastest tier first for
+equal steps (:func:`ordered`). Each rank opens a candidate with :func:`open_reader`; the ranks
+then agree collectively whether every one of them could read it, and walk on to the next
+candidate if any could not (the worker does the walk; this module only reads). A reader verifies
+what it reads (sha256 for durable files, both checksums for flushed snapshots, xxh3 per fragment
+in memory) and raises :class:`CheckpointCorrupt` / :class:`SnapshotUnavailable` naming the file,
+fragment and step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .durable import CheckpointCorrupt, DurableStore
+from .flush import FlushStore
+
+TIERS = ("memory", "flush", "durable")  # fastest first
+FLUSH_SUBDIR = "snapshots"
+StateReader = Callable[[int], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+
+
+@dataclass
+class Candidate:
+    tier: str
+    """memory | flush | durable."""
+    step: int
+    world: int
+    """World size of the job that wrote it."""
+    layout: str = "shared"
+    """durable: 'shared' (one store, replicas) or 'per-rank' (rank-<r>/ stores)."""
+    sources: dict[str, int] = field(default_factory=dict)
+    """memory: {old rank: rank whose snapshot stands in for it} for ranks without their own."""
+    usable: list[int] = field(default_factory=list)
+    """memory: ranks with >= k verified fragments."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "Candidate":
+        return Candidate(**d)
+
+    def describe(self) -> str:
+        return f"{self.tier} step {self.step}"
+
+
+def ordered(candidates: list[Candidate]) -> list[Candidate]:
+    """Newest step first; for one step, memory before flush before durable."""
+    return sorted(candidates, key=lambda c: (-c.step, TIERS.index(c.tier)))
+
+
+def durable_stores(checkpoint_dir: Path) -> tuple[str, dict[int, DurableStore]]:
+    """('per-rank', {rank: store}) when rank-<r>/ stores exist, else ('shared', {0: the root store})."""
+    per_rank = {int(p.name.split("-", 1)[1]): DurableStore(p) for p in sorted(checkpoint_dir.glob("rank-*"))
+                if p.name.split("-", 1)[1].isdigit()}
+    return ("per-rank", per_rank) if per_rank else ("shared", {0: DurableStore(checkpoint_dir)})
+
+
+def _manifest_world(store: DurableStore, step: int) -> int | None:
+    try:
+        meta = json.loads((store.step_dir(step) / "manifest.json").read_text()).get("meta", {})
+        return int(meta["world"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: let the rank's verified read reject it with the file named
+
+
+def disk_candidates(checkpoint_dir: str | Path, world: int) -> list[Candidate]:
+    """Durable steps every saving rank has, and flushed snapshots, as candidates (unverified)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    out: list[Candidate] = []
+    layout, stores = durable_stores(checkpoint_dir)
+    steps = set.intersection(*(set(s.steps()) for s in stores.values())) if stores else set()
+    for step in steps:
+        any_store = next(iter(stores.values()))
+        out.append(Candidate("durable", step, _manifest_world(any_store, step) or world, layout))
+    flush = FlushStore(checkpoint_dir / FLUSH_SUBDIR)
+    for step in flush.steps():
+        try:
+            saved_world = flush.load_manifest_world(step)
+        except (OSError, ValueError, KeyError, CheckpointCorrupt):
+            saved_world = world
+        out.append(Candidate("flush", step, saved_world))
+    return ordered(out)
+
+
+def existing_state(checkpoint_dir: str | Path) -> list[str]:
+    """What a fresh launch would clobber: any tier's step markers or step folders, as readable names."""
+    checkpoint_dir = Path(checkpoint_dir)
+    found = []
+    layout, stores = durable_stores(checkpoint_dir)
+    for rank, store in stores.items():
+        if store.steps() or store.latest_step() is not None:
+            found.append(f"durable checkpoints in {store.root}")
+    flush = FlushStore(checkpoint_dir / FLUSH_SUBDIR)
+    if flush.steps() or (flush.root / "SNAPSHOT-LATEST").exists():
+        found.append(f"flushed snapshots in {flush.root}")
+    return found
+
+
+def durable_reader(checkpoint_dir: str | Path, cand: Candidate) -> StateReader:
+    """read(r): the verified durable state of old rank r's store (the shared store for replicas)."""
+    checkpoint_dir = Path(checkpoint_dir)
+
+    def read(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        root = checkpoint_dir / f"rank-{rank}" if cand.layout == "per-rank" else checkpoint_dir
+        loaded = DurableStore(root).load(cand.step)
+        if loaded is None:
+            raise CheckpointCorrupt(f"{root}: no step {cand.step}")
+        return loaded.tensors, loaded.meta["state"]
+
+    return read
+
+
+def flush_reader(checkpoint_dir: str | Path, cand: Candidate) -> StateReader:
+    """read(r): old rank r's flushed snapshot, both checksums verified."""
+    from .layout import unpack
+
+    store = FlushStore(Path(checkpoint_dir) / FLUSH_SUBDIR)
+
+    def read(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        snap = store.load(cand.step, ranks=[rank])
+        if snap is None or rank not in snap.ranks:
+            raise CheckpointCorrupt(f"{store.root}: flushed step {cand.step} has no rank {rank}")
+        r = snap.ranks[rank]
+        return unpack(r.buffer, r.layout, copy=False), r.meta["user"]["state"]
+
+    return read
