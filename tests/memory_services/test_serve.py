@@ -60,12 +60,27 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("serve")
 
 
+@pytest.fixture(scope="module")
+def running(home):
+    """The service the CRUD test restarted, kept up for the next tests (each start costs Ray's start-up)."""
+    held: dict[str, ServeProcess] = {}
+    yield held
+    if "svc" in held:
+        held["svc"].kill()
+
+
+def _service(running, toml: Path) -> ServeProcess:
+    if "svc" not in running or running["svc"].proc.poll() is not None:
+        running["svc"] = ServeProcess(toml)
+    return running["svc"]
+
+
 def _vec(seed: int, n: int = 1) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def test_crud_round_trip_survives_a_restart_and_the_index_is_reloaded(home):
+def test_crud_round_trip_survives_a_restart_and_the_index_is_reloaded(home, running):
     toml = _toml(home)
     svc = ServeProcess(toml)
     try:
@@ -100,77 +115,71 @@ def test_crud_round_trip_survives_a_restart_and_the_index_is_reloaded(home):
         assert svc.stop() == 0  # clean stop: replicas save their index
     assert (home / "store" / "index" / "manifest.json").exists()
 
-    again = ServeProcess(toml)
-    try:
-        assert "token in" in again.token_line  # the same token file is reused
-        c = MemoryClient(again.url, again.token())
-        assert {"search": c.search(_vec(1, 3), k=3), "list": c.list(namespace="team", limit=10)[0]} == before
-        assert c.get("m-alpha")["version"] == 1
-        index = c.stats()["store"]["index"]
-        assert index["loaded"] is True and index["rebuilt"] is False and index.get("replayed", 0) == 0
-        c.close()
-    finally:
-        again.stop()
+    again = running["svc"] = ServeProcess(toml)  # left running for the next tests
+    assert "token in" in again.token_line  # the same token file is reused
+    c = MemoryClient(again.url, again.token())
+    assert {"search": c.search(_vec(1, 3), k=3), "list": c.list(namespace="team", limit=10)[0]} == before
+    assert c.get("m-alpha")["version"] == 1
+    index = c.stats()["store"]["index"]
+    assert index["loaded"] is True and index["rebuilt"] is False and index.get("replayed", 0) == 0
+    c.close()
 
 
-def test_bad_requests_get_4xx_json_and_change_nothing(home):
-    svc = ServeProcess(_toml(home))
-    try:
-        token = svc.token()
-        ok = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        e = [1.0] * DIM
-        bad = [
-            # (name, method, path, headers, body, status, needle)
-            ("no token", "POST", "/v1/entries", {"Content-Type": "application/json"}, {"entries": [{"text": "x", "embedding": e}]}, 401, "bearer"),
-            ("wrong token", "POST", "/v1/entries", {"Authorization": "Bearer nope"}, {"entries": [{"text": "x", "embedding": e}]}, 401, "bearer"),
-            ("basic auth", "GET", "/v1/stats", {"Authorization": f"Basic {token}"}, None, 401, "bearer"),
-            ("token, broken body", "POST", "/v1/entries", {"Authorization": "Bearer nope"}, b"{broken", 401, "bearer"),
-            ("oversized body", "POST", "/v1/entries", ok, b"[" + b"1," * 150_000 + b"1]", 413, "max_body_bytes"),
-            ("malformed JSON", "POST", "/v1/entries", ok, b'{"entries": [', 400, "malformed JSON"),
-            ("wrong dims", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": [1.0, 2.0]}]}, 422, "expected 16"),
-            ("NaN vector", "POST", "/v1/entries", ok, b'{"entries": [{"text": "x", "embedding": [NaN' + b", 1.0" * (DIM - 1) + b"]}]}", 422, "NaN"),
-            ("infinite query", "POST", "/v1/search", ok, b'{"queries": [[Infinity' + b", 1.0" * (DIM - 1) + b"]]}", 422, "NaN or infinity"),
-            ("text is a number", "POST", "/v1/entries", ok, {"entries": [{"text": 5, "embedding": e}]}, 422, "text"),
-            ("text too long", "POST", "/v1/entries", ok, {"entries": [{"text": "x" * 201, "embedding": e}]}, 422, "max 200"),
-            ("too many entries", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e}] * 65}, 413, "max_batch=64"),
-            ("empty entries", "POST", "/v1/entries", ok, {"entries": []}, 422, "entries"),
-            ("unknown field", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e, "oops": 1}]}, 422, "oops"),
-            ("reserved metadata", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e, "metadata": {"consolidated_from": "y"}}]}, 422, "reserved"),
-            ("reserved prefix", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e, "metadata": {"trainmem.v": 1}}]}, 422, "reserved"),
-            ("nested metadata", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e, "metadata": {"a": {"b": 1}}}]}, 422, "metadata"),
-            ("bad id", "POST", "/v1/entries", ok, {"entries": [{"id": "../etc", "text": "x", "embedding": e}]}, 422, "id"),
-            ("zero embedding", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": [0.0] * DIM}]}, 422, "zeros"),
-            ("text without embedder", "POST", "/v1/entries", ok, {"entries": [{"text": "x"}]}, 422, "embedding is required"),
-            ("k too large", "POST", "/v1/search", ok, {"queries": [e], "k": 101}, 422, "max_k=100"),
-            ("k zero", "POST", "/v1/search", ok, {"queries": [e], "k": 0}, 422, "k"),
-            ("queries and texts", "POST", "/v1/search", ok, {"queries": [e], "texts": ["a"]}, 422, "exactly one"),
-            ("bad filter operator", "POST", "/v1/search", ok, {"queries": [e], "where": {"a": {"$regex": "x"}}}, 422, "unknown operator"),
-            ("bad base64", "POST", "/v1/search", ok, {"queries_b64": "%%%"}, 422, "base64"),
-            ("ragged base64", "POST", "/v1/search", ok, {"queries_b64": "AAAA"}, 422, "float32"),
-            ("lookup dims", "POST", "/v1/lookup", ok, {"vectors": [[1.0] * 3]}, 422, "expected 16"),
-            ("update without version", "PATCH", "/v1/entries/some-id", ok, {"text": "y"}, 422, "version"),
-            ("update unknown id", "PATCH", "/v1/entries/no-such-id", ok, {"version": 0, "text": "y"}, 404, "no entry"),
-            ("delete unknown id", "DELETE", "/v1/entries/no-such-id", ok, None, 404, "no entry"),
-            ("page too large", "POST", "/v1/entries/list", ok, {"limit": 5000}, 422, "max_page=1000"),
-            ("bad cursor", "POST", "/v1/entries/list", ok, {"after": "garbage"}, 422, "cursor"),
-        ]
-        store = MemoryStore(home / "store", DIM)
-        before = (store.stats(), store.kv())
-        for name, method, path, headers, body, status, needle in bad:
-            content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-            r = httpx.request(method, svc.url + path, content=content, headers=headers, timeout=30)
-            assert r.status_code == status, (name, r.status_code, r.text[:300])
-            error = r.json()["error"]
-            assert needle in error and "\n" not in error and "Traceback" not in error, (name, error)
-        assert len(bad) >= 25
-        assert (store.stats(), store.kv()) == before  # nothing was written
-    finally:
-        svc.stop()
+def test_bad_requests_get_4xx_json_and_change_nothing(home, running):
+    svc = _service(running, _toml(home))
+    token = svc.token()
+    ok = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    e = [1.0] * DIM
+    bad = [
+        # (name, method, path, headers, body, status, needle)
+        ("no token", "POST", "/v1/entries", {"Content-Type": "application/json"}, {"entries": [{"text": "x", "embedding": e}]}, 401, "bearer"),
+        ("wrong token", "POST", "/v1/entries", {"Authorization": "Bearer nope"}, {"entries": [{"text": "x", "embedding": e}]}, 401, "bearer"),
+        ("basic auth", "GET", "/v1/stats", {"Authorization": f"Basic {token}"}, None, 401, "bearer"),
+        ("token, broken body", "POST", "/v1/entries", {"Authorization": "Bearer nope"}, b"{broken", 401, "bearer"),
+        ("oversized body", "POST", "/v1/entries", ok, b"[" + b"1," * 150_000 + b"1]", 413, "max_body_bytes"),
+        ("malformed JSON", "POST", "/v1/entries", ok, b'{"entries": [', 400, "malformed JSON"),
+        ("wrong dims", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": [1.0, 2.0]}]}, 422, "expected 16"),
+        ("NaN vector", "POST", "/v1/entries", ok, b'{"entries": [{"text": "x", "embedding": [NaN' + b", 1.0" * (DIM - 1) + b"]}]}", 422, "NaN"),
+        ("infinite query", "POST", "/v1/search", ok, b'{"queries": [[Infinity' + b", 1.0" * (DIM - 1) + b"]]}", 422, "NaN or infinity"),
+        ("text is a number", "POST", "/v1/entries", ok, {"entries": [{"text": 5, "embedding": e}]}, 422, "text"),
+        ("text too long", "POST", "/v1/entries", ok, {"entries": [{"text": "x" * 201, "embedding": e}]}, 422, "max 200"),
+        ("too many entries", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e}] * 65}, 413, "max_batch=64"),
+        ("empty entries", "POST", "/v1/entries", ok, {"entries": []}, 422, "entries"),
+        ("unknown field", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e, "oops": 1}]}, 422, "oops"),
+        ("reserved metadata", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e, "metadata": {"consolidated_from": "y"}}]}, 422, "reserved"),
+        ("reserved prefix", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e, "metadata": {"trainmem.v": 1}}]}, 422, "reserved"),
+        ("nested metadata", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": e, "metadata": {"a": {"b": 1}}}]}, 422, "metadata"),
+        ("bad id", "POST", "/v1/entries", ok, {"entries": [{"id": "../etc", "text": "x", "embedding": e}]}, 422, "id"),
+        ("zero embedding", "POST", "/v1/entries", ok, {"entries": [{"text": "x", "embedding": [0.0] * DIM}]}, 422, "zeros"),
+        ("text without embedder", "POST", "/v1/entries", ok, {"entries": [{"text": "x"}]}, 422, "embedding is required"),
+        ("k too large", "POST", "/v1/search", ok, {"queries": [e], "k": 101}, 422, "max_k=100"),
+        ("k zero", "POST", "/v1/search", ok, {"queries": [e], "k": 0}, 422, "k"),
+        ("queries and texts", "POST", "/v1/search", ok, {"queries": [e], "texts": ["a"]}, 422, "exactly one"),
+        ("bad filter operator", "POST", "/v1/search", ok, {"queries": [e], "where": {"a": {"$regex": "x"}}}, 422, "unknown operator"),
+        ("bad base64", "POST", "/v1/search", ok, {"queries_b64": "%%%"}, 422, "base64"),
+        ("ragged base64", "POST", "/v1/search", ok, {"queries_b64": "AAAA"}, 422, "float32"),
+        ("lookup dims", "POST", "/v1/lookup", ok, {"vectors": [[1.0] * 3]}, 422, "expected 16"),
+        ("update without version", "PATCH", "/v1/entries/some-id", ok, {"text": "y"}, 422, "version"),
+        ("update unknown id", "PATCH", "/v1/entries/no-such-id", ok, {"version": 0, "text": "y"}, 404, "no entry"),
+        ("delete unknown id", "DELETE", "/v1/entries/no-such-id", ok, None, 404, "no entry"),
+        ("page too large", "POST", "/v1/entries/list", ok, {"limit": 5000}, 422, "max_page=1000"),
+        ("bad cursor", "POST", "/v1/entries/list", ok, {"after": "garbage"}, 422, "cursor"),
+    ]
+    store = MemoryStore(home / "store", DIM)
+    before = (store.stats(), store.kv())
+    for name, method, path, headers, body, status, needle in bad:
+        content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        r = httpx.request(method, svc.url + path, content=content, headers=headers, timeout=30)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        error = r.json()["error"]
+        assert needle in error and "\n" not in error and "Traceback" not in error, (name, error)
+    assert len(bad) >= 25
+    assert (store.stats(), store.kv()) == before  # nothing was written
 
 
-def test_2000_concurrent_writes_survive_a_sigkill_exactly_once(home):
+def test_2000_concurrent_writes_survive_a_sigkill_exactly_once(home, running):
     toml = _toml(home)
-    svc = ServeProcess(toml)
+    svc = _service(running, toml)
     acked: dict[str, set[str]] = {}
     killed = threading.Event()
 
@@ -211,12 +220,16 @@ def test_2000_concurrent_writes_survive_a_sigkill_exactly_once(home):
         # Writers that retry every unacknowledged write with its idempotency key land it once, whether
         # or not it reached the log before the kill (a retried write that did returns the stored entry).
         done = set().union(*acked.values())
-        for w in range(4):
+
+        def retry(w: int) -> None:
             for i in range(500):
                 eid = f"w{w}-{i}"
                 if eid not in done:
                     (entry,) = c.add([f"text {eid}"], _vec(w * 1000 + i), ids=[eid], idempotency_key=eid)
                     assert entry["id"] == eid and entry["version"] == 0
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(retry, range(4)))
         final = [e["id"] for e in c.iterate(page=1000) if e["id"].startswith("w")]
         assert len(final) == len(set(final)) == 2000
         c.close()
