@@ -18,13 +18,14 @@ from .config import CheckpointConfig, ECConfig
 
 _WHERE = {
     "CheckpointCorrupt": "durable", "DurableStore": "durable", "LoadedCheckpoint": "durable",
-    "SnapshotWriter": "capture", "SnapshotError": "capture",
+    "SnapshotWriter": "capture", "SnapshotError": "capture", "Traffic": "capture",
     "SnapshotCoordinator": "coordinator",
     "SnapshotHolder": "holder", "HolderFull": "holder",
     "HolderSet": "holder_set", "HolderStartError": "holder_set", "start_holders": "holder_set",
     "cleanup_segments": "segments", "reclaim_orphans": "segments",
     "RSCodec": "isal", "ErasureError": "isal",
     "SnapshotLayout": "layout", "capture_rng_states": "layout", "restore_rng_states": "layout", "unpack": "layout",
+    "stripes": "layout",
     "assignment": "placement", "node_loss_tolerance": "placement",
     "FetchedSnapshot": "recovery", "SnapshotUnavailable": "recovery", "fetch_snapshot": "recovery",
     "reencode": "recovery",

@@ -41,6 +41,12 @@ class CheckpointConfig:
     """Shared-memory bytes each node's snapshot holder may use; 0 = 90% of /dev/shm free at start. Checked against /dev/shm at start."""
     snapshot_strict: bool = False
     """Wait for the previous snapshot to be stored instead of skipping this step's (event snapshot_skipped)."""
+    stripe_replicas: bool = True
+    """Data-parallel replicas hold the same state: each captures 1/W of it, so the group snapshots each byte once."""
+    scrub_every_s: float = 30.0
+    """Holders re-verify the newest committed snapshot this often (lowest CPU priority); bad fragments are re-encoded. 0: off."""
+    flush_min_ratio: float = 1.15
+    """The flush tier compresses with zstd only if the first flush compressed at least this much; else it stores raw bytes."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
@@ -55,5 +61,9 @@ class CheckpointConfig:
             raise ValueError(f"flush_every={self.flush_every} needs snapshot_every > 0 (it flushes snapshots)")
         if not self.holder_timeout_s > 0:
             raise ValueError(f"holder_timeout_s={self.holder_timeout_s} must be > 0")
+        if self.scrub_every_s < 0:
+            raise ValueError(f"scrub_every_s={self.scrub_every_s} must be >= 0 (0 turns the scrub off)")
+        if self.flush_min_ratio < 1:
+            raise ValueError(f"flush_min_ratio={self.flush_min_ratio} must be >= 1 (1: always compress)")
         if self.holder_bytes < 0:
             raise ValueError(f"holder_bytes={self.holder_bytes} must be >= 0 (0: 90% of /dev/shm free)")

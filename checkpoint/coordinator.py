@@ -82,7 +82,9 @@ class SnapshotCoordinator:
 
     def _broadcast_commit(self, step: int) -> None:
         """Phase two to every live holder; one that misses the deadline is told again next poll."""
-        replies = self.holders.call("commit", step, timeout_s=self.poll_timeout_s)
+        with self._lock:
+            complete = list(self._complete)
+        replies = self.holders.call("commit", step, complete, timeout_s=self.poll_timeout_s)
         for h, reply in replies.items():
             if isinstance(reply, BaseException):
                 self._uncommitted_on[h] = max(step, self._uncommitted_on.get(h, -1))
@@ -92,8 +94,10 @@ class SnapshotCoordinator:
     def _retry_commits(self) -> None:
         pending = {h: s for h, s in self._uncommitted_on.items() if h not in self.holders.dead}
         self._uncommitted_on = {}
+        with self._lock:
+            complete = list(self._complete)
         for step in sorted(set(pending.values())):
-            replies = self.holders.call("commit", step, indices=[h for h, s in pending.items() if s == step],
+            replies = self.holders.call("commit", step, complete, indices=[h for h, s in pending.items() if s == step],
                                         timeout_s=self.poll_timeout_s)
             for h, reply in replies.items():
                 if isinstance(reply, BaseException):
@@ -110,6 +114,11 @@ class SnapshotCoordinator:
             limit = -1 if step is None else step
             self._voted = {r: {s for s in v if s <= limit} for r, v in self._voted.items()}
             self._complete = [s for s in self._complete if s <= limit]
+
+    def voted(self, step: int) -> set[int]:
+        """Ranks known to have stored ``step``."""
+        with self._lock:
+            return {r for r, steps in self._voted.items() if step in steps}
 
     def latest_complete(self) -> int | None:
         with self._lock:

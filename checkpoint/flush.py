@@ -2,9 +2,9 @@
 
 Layout (one folder per flushed step, written under a temporary name, fsynced, then renamed)::
 
-    <dir>/snap-00000042/rank-00000.zst      raw snapshot bytes of rank 0, zstandard
-    <dir>/snap-00000042/manifest.json       {"format", "step", "world", "ranks": {r: {file, raw_bytes,
-                                             raw_xxh3, zst_bytes, zst_sha256, layout, meta}}}
+    <dir>/snap-00000042/rank-00000.zst      snapshot bytes of rank 0, zstandard (or rank-00000.raw, as is)
+    <dir>/snap-00000042/manifest.json       {"format", "step", "world", "ranks": {r: {file, codec, raw_bytes,
+                                             raw_xxh3, stored_bytes, stored_sha256, layout, meta}}}
     <dir>/SNAPSHOT-LATEST                    "42", replaced only after the folder is durable
 
 Files are raw bytes + JSON; nothing is ever unpickled. Loading verifies both checksums.
@@ -28,7 +28,7 @@ import zstandard
 from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text, read_manifest, read_step_marker, replace_dir
 from .layout import SnapshotLayout
 
-_FORMAT = "trainmem-snapshot-v1"
+_FORMAT = "trainmem-snapshot-v2"
 _LATEST = "SNAPSHOT-LATEST"
 _CHUNK = 1 << 24
 
@@ -47,14 +47,56 @@ class FlushedSnapshot:
     ranks: dict[int, FlushedRank]
 
 
-class FlushStore:
-    """Reads and writes flushed snapshots under ``root``; keeps the newest ``keep``."""
+class _HashingFile:
+    """A file object that sha256-hashes what is written through it (so the file is never read back)."""
 
-    def __init__(self, root: str | Path, keep: int = 2, level: int = 1):
-        self.root, self.keep, self.level = Path(root), keep, level
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class FlushStore:
+    """Reads and writes flushed snapshots under ``root``; keeps the newest ``keep``.
+
+    fp32 weights barely compress (~1.08x with zstd): the first flush measures the ratio, and below
+    ``min_ratio`` this store writes raw bytes from then on instead of spending CPU on zstd.
+    """
+
+    def __init__(self, root: str | Path, keep: int = 2, level: int = 1, min_ratio: float = 1.0):
+        self.root, self.keep, self.level, self.min_ratio = Path(root), keep, level, min_ratio
+        self.codec: str | None = None if min_ratio > 1.0 else "zstd"
+        self.measured_ratio: float | None = None
 
     def _dir(self, step: int) -> Path:
         return self.root / f"snap-{step:08d}"
+
+    def _write_rank(self, tmp: Path, rank: int, raw: memoryview) -> dict[str, Any]:
+        codec = self.codec or "zstd"
+        name = f"rank-{rank:05d}.{'zst' if codec == 'zstd' else 'raw'}"
+        with open(tmp / name, "wb") as f:
+            out = _HashingFile(f)
+            if codec == "zstd":
+                writer = zstandard.ZstdCompressor(level=self.level).stream_writer(out, closefd=False)
+                for off in range(0, len(raw), _CHUNK):
+                    writer.write(raw[off : off + _CHUNK])
+                writer.flush(zstandard.FLUSH_FRAME)
+            else:
+                for off in range(0, len(raw), _CHUNK):
+                    out.write(raw[off : off + _CHUNK])
+            f.flush()
+            os.fsync(f.fileno())
+        if self.codec is None:  # the first flush decides for the rest of the job
+            self.measured_ratio = len(raw) / max(1, out.n)
+            self.codec = "zstd" if self.measured_ratio >= self.min_ratio else "raw"
+        return {"file": name, "codec": codec, "raw_bytes": len(raw), "raw_xxh3": xxhash.xxh3_128_hexdigest(raw),
+                "stored_bytes": out.n, "stored_sha256": out.sha.hexdigest()}
 
     def write(self, step: int, ranks: dict[int, FlushedRank], world: int | None = None) -> Path:
         """Flush ``ranks`` (old rank -> snapshot; replicas need only one) of a job of ``world`` ranks."""
@@ -65,23 +107,7 @@ class FlushStore:
         entries = {}
         for rank, r in sorted(ranks.items()):
             raw = memoryview(r.buffer.reshape(-1)[: r.layout.nbytes]).cast("B")
-            name = f"rank-{rank:05d}.zst"
-            sha = hashlib.sha256()
-            with open(tmp / name, "wb") as f:
-                writer = zstandard.ZstdCompressor(level=self.level).stream_writer(f, closefd=False)
-                for off in range(0, len(raw), _CHUNK):
-                    writer.write(raw[off : off + _CHUNK])
-                writer.flush(zstandard.FLUSH_FRAME)
-                f.flush()
-                os.fsync(f.fileno())
-            with open(tmp / name, "rb") as f:
-                for chunk in iter(lambda: f.read(_CHUNK), b""):
-                    sha.update(chunk)
-            entries[str(rank)] = {
-                "file": name, "raw_bytes": len(raw), "raw_xxh3": xxhash.xxh3_128_hexdigest(raw),
-                "zst_bytes": (tmp / name).stat().st_size, "zst_sha256": sha.hexdigest(),
-                "layout": r.layout.to_json(), "meta": r.meta,
-            }
+            entries[str(rank)] = {**self._write_rank(tmp, rank, raw), "layout": r.layout.to_json(), "meta": r.meta}
         manifest = {"format": _FORMAT, "step": step, "world": world or len(ranks), "ranks": entries}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, sort_keys=True))
         _fsync_dir(tmp)
@@ -120,26 +146,26 @@ class FlushStore:
 
     def _load_rank(self, folder: Path, e: dict[str, Any]) -> FlushedRank:
         file = folder / e["file"]
-        if not file.exists() or file.stat().st_size != e["zst_bytes"]:
-            raise CheckpointCorrupt(f"{file}: missing or truncated (expected {e['zst_bytes']} bytes)")
+        if not file.exists() or file.stat().st_size != e["stored_bytes"]:
+            raise CheckpointCorrupt(f"{file}: missing or truncated (expected {e['stored_bytes']} bytes)")
         sha = hashlib.sha256()
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 sha.update(chunk)
-        if sha.hexdigest() != e["zst_sha256"]:
+        if sha.hexdigest() != e["stored_sha256"]:
             raise CheckpointCorrupt(f"{file}: sha256 mismatch (corrupted on disk)")
         layout = SnapshotLayout.from_json(e["layout"])
         buffer = np.zeros(layout.buffer_len, dtype=np.uint8)
         with open(file, "rb") as f:
-            reader = zstandard.ZstdDecompressor().stream_reader(f)
+            reader = zstandard.ZstdDecompressor().stream_reader(f) if e["codec"] == "zstd" else f
             view, off = memoryview(buffer), 0
             while off < e["raw_bytes"]:
                 n = reader.readinto(view[off : e["raw_bytes"]])
                 if n == 0:
-                    raise CheckpointCorrupt(f"{file}: decompressed to {off} bytes, manifest says {e['raw_bytes']}")
+                    raise CheckpointCorrupt(f"{file}: decoded to {off} bytes, manifest says {e['raw_bytes']}")
                 off += n
         if xxhash.xxh3_128_hexdigest(memoryview(buffer)[: e["raw_bytes"]]) != e["raw_xxh3"]:
-            raise CheckpointCorrupt(f"{file}: content checksum mismatch after decompression")
+            raise CheckpointCorrupt(f"{file}: content checksum mismatch after decoding")
         return FlushedRank(layout, e["meta"], buffer)
 
 

@@ -3,8 +3,9 @@
 A holder is its own process, started before the trainers and pinned to its node with
 ``NodeAffinitySchedulingStrategy``; a trainer that dies loses nothing that its holder stored.
 Each fragment is one file in ``/dev/shm`` (tmpfs: memory, not disk), written under a temporary
-name and renamed, so a half-written fragment is never visible under its final name. A fragment
-is indexed only after its xxh3 checksum matches the writer's; readers verify it again.
+name and renamed, so a half-written fragment is never visible under its final name. Fragments are
+hashed once, by the writer (xxh3, recorded in the meta); readers verify them, and so does a
+background scrub at the lowest CPU priority, which reports the bad ones for re-encoding.
 
 A holder keeps the newest ``keep`` committed steps and frees everything older, including steps
 that never committed (torn snapshots) and segments reserved by a writer that died before it
@@ -26,6 +27,13 @@ from .segments import (checksum, claim, cleanup_segments, read_file_into, reclai
                        write_file)
 
 _VOTE_HISTORY = 64
+
+
+def _count_ranks(keys) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for _, rank in keys:
+        out[str(rank)] = out.get(str(rank), 0) + 1
+    return out
 
 
 class HolderFull(RuntimeError):
@@ -55,6 +63,10 @@ class SnapshotHolder:
         self._pinned: set[int] = set()
         self._pool: dict[int, list[str]] = {}
         self._serial = 0
+        self._scrubber: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._scrubbed_bad: list[list[int]] = []
+        self.scrubs = 0
         cleanup_segments(prefix)  # a previous holder of this name left only garbage
         claim(prefix)
         self.reclaimed = reclaim_orphans()
@@ -68,7 +80,7 @@ class SnapshotHolder:
     def ping(self) -> dict[str, Any]:
         with self._lock:
             return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "fragments": len(self._frags),
-                    "bytes": sum(self._sizes.values()), "max_bytes": self.max_bytes,
+                    "bytes": sum(self._sizes.values()), "max_bytes": self.max_bytes, "reserved_by_rank": _count_ranks(self._reserved.values()),
                     "reclaimed_segments": sum(self.reclaimed.values())}
 
     # ---- segments ---------------------------------------------------------------------------
@@ -173,11 +185,8 @@ class SnapshotHolder:
         return len(paths)
 
     def put(self, step: int, rank: int, meta_json: str, checksums: list[int], items: dict[int, np.ndarray]) -> int:
-        """Store fragments shipped through Ray (index -> bytes); each is verified on arrival."""
-        for j, arr in items.items():
-            got = checksum(arr)
-            if got != checksums[j]:
-                raise ValueError(f"step {step} rank {rank} fragment {j}: checksum mismatch on arrival ({got} != {checksums[j]})")
+        """Store fragments shipped through Ray (index -> bytes). Not hashed here: the writer hashed them
+        once; readers and the scrub verify against ``checksums`` (in the meta)."""
         for j, arr in items.items():
             path = self._acquire(arr.nbytes, self._final(step, rank, j) + ".tmp")
             write_file(path, arr)
@@ -198,11 +207,14 @@ class SnapshotHolder:
             return {r: list(s) for r, s in self._votes.items()}
 
     # ---- deciding and freeing -----------------------------------------------------------------
-    def commit(self, step: int) -> list[int]:
-        """Phase two: step is complete on every rank. Frees steps older than the newest ``keep`` commits."""
+    def commit(self, step: int, complete: list[int] | None = None) -> list[int]:
+        """Phase two: step is complete on every rank. Frees steps older than the newest ``keep`` commits.
+
+        ``complete`` is every step the coordinator holds complete: commits of two steps can arrive out
+        of order, and a holder told only of the newer one would free the older while it is still kept.
+        """
         with self._lock:
-            if step not in self._committed:
-                self._committed = sorted(self._committed + [step])[-self.keep :]
+            self._committed = sorted(set(self._committed) | {step} | set(complete or ()))[-self.keep :]
             floor = self._committed[0]
         self._drop(lambda s: s < floor)
         return list(self._committed)
@@ -232,6 +244,38 @@ class SnapshotHolder:
                 self._reserved.pop(p, None)
         for path in paths:
             self._release(path)
+
+    # ---- scrubbing ---------------------------------------------------------------------------
+    def start_scrub(self, every_s: float) -> None:
+        """Verify the committed steps' fragments every ``every_s`` seconds, at the lowest CPU priority."""
+        if every_s > 0 and self._scrubber is None:
+            self._scrubber = threading.Thread(target=self._scrub_loop, args=(every_s,), name="scrub", daemon=True)
+            self._scrubber.start()
+
+    def _scrub_loop(self, every_s: float) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        while not self._closing.wait(every_s):
+            self.scrub()
+
+    def scrub(self) -> list[list[int]]:
+        """Checksum every fragment of every committed step kept; returns [step, rank, fragment] of each
+        bad one (also kept for :meth:`scrub_report`)."""
+        with self._lock:
+            steps = list(self._committed)
+        bad = [b for step in steps for b in self.inventory(verify_step=step)["corrupt"]]
+        with self._lock:
+            self._scrubbed_bad += [b for b in bad if b not in self._scrubbed_bad]
+            self.scrubs += 1
+        return bad
+
+    def scrub_report(self) -> dict[str, Any]:
+        """Corrupt fragments the scrub found since the last report, and how many scrubs ran."""
+        with self._lock:
+            bad, self._scrubbed_bad = self._scrubbed_bad, []
+            return {"corrupt": bad, "scrubs": self.scrubs}
 
     # ---- reading ----------------------------------------------------------------------------
     def inventory(self, verify_step: int | None = None) -> dict[str, Any]:
@@ -280,6 +324,7 @@ class SnapshotHolder:
             return self._frags.get((step, rank, j))
 
     def close(self) -> int:
+        self._closing.set()
         with self._lock:
             self._frags.clear()
             self._meta.clear()

@@ -88,6 +88,22 @@ class SnapshotLayout:
         return SnapshotLayout(specs, d["nbytes"], d["k"], d["m"], d["frag_len"])
 
 
+def stripes(tensors: dict[str, torch.Tensor], world: int) -> list[list[str]]:
+    """Split a replica group's state into ``world`` contiguous runs of tensors of about equal bytes.
+
+    Every replica computes the same split from the same (ordered) state, so replica i captures
+    stripe i and the group captures each byte once.
+    """
+    sizes = [(n, t.numel() * t.element_size()) for n, t in tensors.items()]
+    total = sum(b for _, b in sizes) or 1
+    out: list[list[str]] = [[] for _ in range(world)]
+    cum = 0
+    for name, nbytes in sizes:
+        out[min(world - 1, int((cum + nbytes / 2) * world // total))].append(name)
+        cum += nbytes
+    return out
+
+
 def tensor_views(buffer: torch.Tensor, layout: SnapshotLayout) -> dict[str, torch.Tensor]:
     """Typed views of a uint8 buffer (no copy): write into them to stage, read them to restore."""
     out = {}

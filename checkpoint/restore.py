@@ -125,11 +125,19 @@ def flush_reader(checkpoint_dir: str | Path, cand: Candidate) -> StateReader:
 
     store = FlushStore(Path(checkpoint_dir) / FLUSH_SUBDIR)
 
-    def read(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def load(rank: int):
         snap = store.load(cand.step, ranks=[rank])
         if snap is None or rank not in snap.ranks:
             raise CheckpointCorrupt(f"{store.root}: flushed step {cand.step} has no rank {rank}")
         r = snap.ranks[rank]
-        return unpack(r.buffer, r.layout, copy=False), r.meta["user"]["state"]
+        return unpack(r.buffer, r.layout, copy=False), r.meta["user"]
+
+    def read(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, user = load(rank)
+        if user.get("striped"):  # one stripe of a replica group's state: assemble the group's
+            for other in user["group"]:
+                if other != rank:
+                    tensors = {**tensors, **load(other)[0]}
+        return tensors, user["state"]
 
     return read

@@ -66,10 +66,15 @@ class Snapshots:
     def after_optimizer_step(self, step: int, engine: Engine) -> None:
         if self.ranks.due(step):
             tensors, meta = engine.state_for_checkpoint()
-            self.ranks.capture(step, tensors, {"state": meta, "world": self.world, "seed": self.seed})
+            self.ranks.capture(step, tensors, snapshot_meta(meta, self.world, self.seed))
 
     def close(self) -> None:
         self.ranks.close()
+
+
+def snapshot_meta(engine_meta: dict[str, Any], world: int, seed: int) -> dict[str, Any]:
+    """What a snapshot records beside the tensors: the engine's own metadata, the world and the seed."""
+    return {"state": engine_meta, "world": world, "seed": seed}
 
 
 def open_reader(cand: Candidate, checkpoint_dir: Path, snapshots: RankSnapshots | None) -> StateReader:

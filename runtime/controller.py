@@ -168,7 +168,8 @@ class Controller:
             restored = self.group.start(lambda: self._restore_plan(attempt))
         else:
             self.state = JobState.REPLACING
-            out = self.group.replace(replace.ranks, attempt, lambda: self._restore_plan(attempt), self.spares)
+            out = self.group.replace(replace.ranks, attempt, lambda: self._restore_plan(attempt), self.spares,
+                                     before_plan=lambda ends: self._repair_stripes(replace.ranks, ends))
             restored = out["results"]
             self.log.event("ranks_replaced", attempt=attempt, ranks=sorted(out["replaced"]),
                            source={str(r): s for r, s in out["replaced"].items()},
@@ -203,6 +204,9 @@ class Controller:
             for record in metrics:
                 self._on_metric(record)
             if results is not None:
+                for r in results:  # bytes each rank's snapshot writer moved, counted by the writer
+                    if "snapshot_traffic" in r:
+                        self.log.event("checkpoint.traffic", rank=r["rank"], **r["snapshot_traffic"])
                 self.group.shutdown()
                 self.state = JobState.FINISHED
                 return results
@@ -233,6 +237,27 @@ class Controller:
         self.log.event("preempted", step=self.preempted_step, save_s=round(time.time() - t0, 3),
                        dir=str(self.spec.checkpoint_dir))
         return results
+
+    def _repair_stripes(self, failed: list[int], healthy: dict[int, dict[str, Any]]) -> None:
+        """Striped replicas: a lost replica's stripe of the step its peers hold is stored by a peer from its
+        own (equal) state, so that step commits and nothing is lost."""
+        if self.snapshots is None:
+            return
+        for group in self.snapshots.groups:
+            donors = [r for r in group if r in healthy]
+            steps = {healthy[r].get("state_step") for r in donors}
+            if not donors or len(steps) != 1 or None in steps:
+                continue
+            step = steps.pop()
+            missing = self.snapshots.missing_stripes(step, [r for r in failed if r in group])
+            if not missing:
+                continue
+            try:
+                ray.get(self.group.actors[donors[0]].repair_snapshot.remote(step, missing),
+                        timeout=self.spec.checkpoint.holder_timeout_s * 2)
+                self.log.event("snapshot_repaired", step=step, ranks=missing, by_rank=donors[0])
+            except ray.exceptions.RayError as e:  # the restore then uses the newest complete step
+                self.log.event("snapshot_repair_failed", step=step, ranks=missing, error=str(e).splitlines()[0][:200])
 
     def _log_restore(self, attempt: int, restored: list[dict[str, Any]]) -> None:
         """One checkpoint_rejected per candidate a rank could not read (with that rank's reason)."""

@@ -16,6 +16,7 @@ tracebacks and native crash dumps), so a failure can be read after the process i
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import hashlib
 import os
@@ -37,7 +38,8 @@ from trainmem.checkpoint import Candidate, RankSnapshots
 from trainmem.memory_services import maybe_init_memory
 from trainmem.offload import ActivationPolicy
 
-from .checkpointing import CheckpointCallback, DurableCheckpoints, Snapshots, open_reader, walk_restore
+from .checkpointing import (CheckpointCallback, DurableCheckpoints, Snapshots, open_reader, snapshot_meta,
+                            walk_restore)
 from .config import JobSpec
 from .data import open_corpus
 from .engines import build_engine
@@ -109,6 +111,7 @@ class Worker:
         self.model = None
         self.callbacks: list[CheckpointCallback] = []
         self._listener: RendezvousListener | None = None
+        self._state_step = 0  # the step the engine's state is at (ahead of _step_done inside a step's end)
         if rank is None:
             _send_output_to(Path(spec.run_dir) / "logs" / f"spare-{os.getpid()}.log",
                             f"spare worker, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -238,6 +241,7 @@ class Worker:
             self._event("memory_init", rank=self.rank, step=result["step"], **loaded)  # --init-memory-from
         with self._lock:
             self._step_done = result["step"] or 0
+        self._state_step = self._step_done
         return {**result, "rejoined": rejoined, "pid": os.getpid()}
 
     def _checkpoint_callbacks(self, snapshot_plan: dict[str, Any] | None) -> list[CheckpointCallback]:
@@ -295,7 +299,15 @@ class Worker:
                 traceback.print_exc()
         self._leave_group()
         self._enter("paused")
-        return {"rank": self.rank, "interrupted": True, "steps": self._step_done, "pid": os.getpid()}
+        return {"rank": self.rank, "interrupted": True, "steps": self._step_done, "state_step": self._state_step,
+                "pid": os.getpid()}
+
+    def repair_snapshot(self, step: int, ranks: list[int]) -> None:
+        """Store lost replicas' stripes of ``step`` from this rank's own state (a paused healthy replica)."""
+        if self._state_step != step:
+            raise ValueError(f"rank {self.rank} holds the state of step {self._state_step}, not {step}")
+        tensors, meta = self.engine.state_for_checkpoint()
+        self.snapshots.repair(step, ranks, tensors, snapshot_meta(meta, self.world, self.spec.train.seed))
 
     def _train(self) -> dict[str, Any]:
         spec = self.spec
@@ -329,6 +341,9 @@ class Worker:
                 return self._preempted(step)
         self._enter("finished")
         result = {"rank": self.rank, "steps": self._step_done}
+        if self.snapshots is not None:
+            self.snapshots.writer.flush(self.spec.checkpoint.holder_timeout_s)
+            result["snapshot_traffic"] = dataclasses.asdict(self.snapshots.writer.traffic)
         state = self.engine.full_state_dict()
         if self.rank == 0:
             result["params_sha256"] = state_sha256(state)
@@ -379,6 +394,7 @@ class Worker:
         for cb in self.callbacks:
             cb.before_optimizer_step()
         self.engine.optimizer_step()
+        self._state_step = step
         self._enter("checkpoint")
         return loss
 

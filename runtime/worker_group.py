@@ -97,7 +97,8 @@ class WorkerGroup:
         return results
 
     def replace(self, failed: list[int], attempt: int, plan: Callable[[], dict[str, Any]],
-                spares: SparePool | None) -> dict[str, Any]:
+                spares: SparePool | None,
+                before_plan: Callable[[dict[int, dict[str, Any]]], None] | None = None) -> dict[str, Any]:
         """Replace only ``failed`` ranks; the others leave their step loop and keep their processes.
 
         Returns {"results": per-rank restore results, "replaced": {rank: "spare" | "cold"}, "kept_pids"}.
@@ -119,6 +120,8 @@ class WorkerGroup:
         if left:
             raise GroupFailure("error", left, f"rank(s) {left} finished instead of pausing for the replacement")
         kept = dict(zip(healthy, self._get_all([self.actors[r].pid.remote() for r in healthy], "pids", healthy)))
+        if before_plan is not None:  # e.g. store lost replicas' snapshot stripes from a healthy one
+            before_plan(dict(zip(healthy, ends)))
         replaced: dict[int, str] = {}
         for r in failed:
             spare = spares.take() if spares is not None else None

@@ -51,6 +51,8 @@ def _parse(argv):
     p.add_argument("--search-timeout-s", type=float, default=240.0, help="time limit per size tried")
     p.add_argument("--no-search", action="store_true", help="skip the largest-model search")
     p.add_argument("--no-nvme", action="store_true", help="skip the disk tier and ZeRO-Infinity")
+    p.add_argument("--sides", default="", help="comma-separated subset of the sides to run (default: all; "
+                                              "ours and deepspeed are always run: the ratios need them)")
     return p.parse_args(argv)
 
 
@@ -144,6 +146,14 @@ def main(argv: list[str]) -> int:
         host = _smallest(base["model"], 2, "host", disk_path, device)
         sides["ours_disk"] = {"side": "ours", "host_bytes": host, "disk_bytes": "16GiB"}
         sides["deepspeed_nvme"] = {}
+    if args.sides:
+        wanted = {x.strip() for x in args.sides.split(",") if x.strip()} | {"ours", "deepspeed"}
+        unknown = wanted - set(sides)
+        if unknown:
+            print(f"trainmem bench placement: --sides: unknown side(s) {sorted(unknown)} "
+                  f"(fix: pick from {sorted(sides)})", file=sys.stderr)
+            return 2
+        sides = {k: v for k, v in sides.items() if k in wanted}
     cap = parse_bytes(args.rss_cap, "--rss-cap")
     results: dict[str, dict] = {}
     with Progress(console=Console(stderr=True), transient=True) as progress:
@@ -195,7 +205,7 @@ def _summary(results, search, args, device, cap) -> dict:
     if ok(results.get("ours_fused", {"error": 1})) and ok(ours):
         out["step_ratio_kernel_deepspeed_vs_fused"] = _ratio(ours["step_s_median"],
                                                              results["ours_fused"]["step_s_median"])
-    if "ours_disk" in results and ok(results["ours_disk"]) and ok(results["deepspeed_nvme"]):
+    if "ours_disk" in results and "deepspeed_nvme" in results and ok(results["ours_disk"]) and ok(results["deepspeed_nvme"]):
         out["step_ratio_disk_vs_deepspeed_nvme"] = _ratio(results["ours_disk"]["step_s_median"],
                                                           results["deepspeed_nvme"]["step_s_median"])
         out["host_bytes_per_param_ratio_disk_vs_deepspeed_nvme"] = _ratio(_per_param(results["ours_disk"]),

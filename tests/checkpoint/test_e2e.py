@@ -232,3 +232,40 @@ def test_whole_job_restart_resumes_from_the_flush_tier(cluster, baseline, tmp_pa
     restored = [e for e in _events(again) if e["event"] == "restored"]
     assert restored[-1]["tier"] == "flush" and restored[-1]["step"] == max(flushed)
     assert result.params_sha256 == baseline.params_sha256
+
+
+def test_the_scrub_finds_a_corrupt_fragment_and_it_is_re_encoded_while_snapshots_go_on(cluster, tmp_path):
+    from trainmem.checkpoint import CheckpointConfig, ECConfig, RankSnapshots, SnapshotService
+
+    cfg = CheckpointConfig(snapshot_every=1, ec=ECConfig(k=2, m=1), every_steps=0, scrub_every_s=0.3,
+                           snapshot_strict=True)
+    events: list[tuple[str, dict]] = []
+    service = SnapshotService(cfg, world=1, run_dir=tmp_path, checkpoint_dir=tmp_path / "ck",
+                              event=lambda name, **kw: events.append((name, kw)))
+    service.start()
+    rank = RankSnapshots(service.rank_plan(), 0, 1)
+    for step in (1, 2):
+        rank.capture(step, state_at(0, step, 20_000), {"state": {}})
+        rank.writer.flush()
+    assert service.poll() == 2
+    home = next(h for h in service.holders.alive()
+                if ray.get(service.holders.handles[h].segment_path.remote(2, 0, 1)) is not None)
+    path = ray.get(service.holders.handles[home].segment_path.remote(2, 0, 1))
+    with open(path, "r+b") as f:  # a bit flips in memory under the committed snapshot
+        f.seek(1000)
+        f.write(b"\xde\xad")
+    deadline, step = time.monotonic() + 20, 2
+    while not any(n == "checkpoint.fragment_repaired" for n, _ in events):
+        assert time.monotonic() < deadline, events
+        if step < 3:
+            step += 1
+            rank.capture(step, state_at(0, step, 20_000), {"state": {}})  # training goes on meanwhile
+        service.poll()
+        time.sleep(0.2)
+    corrupt = [kw for n, kw in events if n == "checkpoint.fragment_corrupt"]
+    assert corrupt and corrupt[0]["step"] == 2 and corrupt[0]["fragment"] == 1 and corrupt[0]["found_by"] == "scrub"
+    snap = fetch_snapshot(service.holders, 2, 0, home=home)
+    assert not snap.corrupt, "re-encoded: every fragment verifies again"
+    assert rank.writer.prepared_step == 3
+    rank.close()
+    service.shutdown()

@@ -43,9 +43,9 @@ class SlowHolder(SnapshotHolder):
         time.sleep(self.slow)
         return super().votes()
 
-    def commit(self, step):
+    def commit(self, step, complete=None):
         time.sleep(self.slow)
-        return super().commit(step)
+        return super().commit(step, complete)
 
 
 def test_one_slow_holder_costs_one_deadline_and_comes_back(local_ray):
@@ -112,6 +112,21 @@ def test_reservations_of_a_writer_that_died_are_freed_and_bytes_stay_accounted(l
     holders.close()
 
 
+def test_commits_arriving_out_of_order_keep_both_steps(local_ray):
+    """Two snapshots commit back to back from different threads; the newer commit reaching a holder
+    first must not free the older step the coordinator still counts as kept (keep=2)."""
+    holders = start_holders([local_ray], "ooo", keep=2)
+    h = holders.handles[0]
+    frag = np.arange(100, dtype=np.uint8)
+    for step in (0, 1):
+        ray.get(h.put.remote(step, 0, json.dumps({"checksums": [_sum(frag)]}), [_sum(frag)], {0: frag}))
+    ray.get(h.commit.remote(1, [0, 1]))  # commit(1) overtakes commit(0)
+    ray.get(h.commit.remote(0, [0]))
+    inv = ray.get(h.inventory.remote(0))
+    assert inv["fragments"] == {"0/0": [0], "1/0": [0]} and sorted(inv["committed"]) == [0, 1]
+    holders.close()
+
+
 def _sum(a):
     from trainmem.checkpoint.segments import checksum
 
@@ -134,3 +149,4 @@ def test_the_byte_cap_is_checked_at_start_and_a_full_holder_skips_the_snapshot(l
     assert writer.prepared_step is None and not holders.dead, "a full holder is not a dead one"
     writer.close()
     holders.close()
+

@@ -72,7 +72,8 @@ def test_flush_store_round_trip_checksums_and_keep(tmp_path):
         for name, t in _tensors(90 + r).items():
             assert torch.equal(out[name], t)
     manifest = json.loads((tmp_path / "snap-00000009" / "manifest.json").read_text())
-    assert manifest["ranks"]["1"]["zst_sha256"] and manifest["world"] == 2
+    assert manifest["ranks"]["1"]["stored_sha256"] and manifest["ranks"]["1"]["codec"] == "zstd"
+    assert manifest["world"] == 2
     # flip one byte of a compressed file: detected, named
     path = tmp_path / "snap-00000009" / "rank-00001.zst"
     raw = bytearray(path.read_bytes())
@@ -101,3 +102,26 @@ def test_config_checks_name_the_field():
         CheckpointConfig(flush_every=2)
     cfg = CheckpointConfig(snapshot_every=1, ec=ECConfig(k=2, m=2), flush_every=5)
     assert cfg.ec.k + cfg.ec.m == 4 and cfg.every_steps == 10
+
+
+def test_flush_store_writes_raw_bytes_when_zstd_does_not_pay(tmp_path):
+    """fp32 noise barely compresses: the first flush measures it and the store keeps raw bytes from then on."""
+    store = FlushStore(tmp_path, keep=3, min_ratio=1.5)
+    for step in (1, 2):
+        layout, buf = _pack({"w": torch.randn(50_000, generator=torch.Generator().manual_seed(step))})
+        store.write(step, {0: FlushedRank(layout, {"step": step}, buf)}, world=1)
+    assert store.measured_ratio is not None and store.measured_ratio < 1.5 and store.codec == "raw"
+    manifest = json.loads((tmp_path / "snap-00000002" / "manifest.json").read_text())
+    assert manifest["ranks"]["0"]["codec"] == "raw" and manifest["ranks"]["0"]["file"].endswith(".raw")
+    out = unpack(store.load(2).ranks[0].buffer, store.load(2).ranks[0].layout)
+    assert torch.equal(out["w"], torch.randn(50_000, generator=torch.Generator().manual_seed(2)))
+    path = tmp_path / "snap-00000002" / "rank-00000.raw"
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorrupt, match="rank-00000.raw: sha256 mismatch"):
+        store.load(2)
+    compressible = FlushStore(tmp_path / "zeros", min_ratio=1.5)
+    layout, buf = _pack({"w": torch.zeros(50_000)})
+    compressible.write(1, {0: FlushedRank(layout, {}, buf)}, world=1)
+    assert compressible.codec == "zstd" and compressible.measured_ratio > 100

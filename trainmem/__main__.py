@@ -1,0 +1,7 @@
+"""``python -m trainmem ...`` is the ``trainmem`` command."""
+
+import sys
+
+from trainmem.launch.cli import main
+
+sys.exit(main())
