@@ -1,7 +1,9 @@
 """``trainmem consolidate [FILE.toml] --once | --schedule CRON``: run the memory consolidation job.
 
 Reads the ``[services]`` table (store, consolidation, memory layer). ``--once`` runs one job
-and prints its result; ``--schedule`` runs it at each cron tick until interrupted.
+and prints its result; ``--schedule`` runs it at each cron tick until interrupted. A run already
+going elsewhere (the cron thread of `trainmem serve`, an HTTP request, another CLI) holds the
+lease: ``--once`` then exits 3 naming the holder.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from trainmem.runtime.spec_loader import ConfigError
@@ -31,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--schedule", metavar="CRON", help="cron expression, e.g. '*/10 * * * *'")
     p.add_argument("--max-runs", type=int, default=None, help="with --schedule: stop after N runs")
     p.add_argument("--json", action="store_true", help="print each result as one JSON line")
+    p.add_argument("--inject-kill", metavar="POINT", help="fault tests: SIGKILL this process at POINT (see faults.py)")
     return p
+
+
+LEASE_HELD = 3
 
 
 def main(argv: list[str]) -> int:
@@ -51,16 +58,34 @@ def main(argv: list[str]) -> int:
     if args.max_runs is not None and args.max_runs <= 0:
         print("trainmem consolidate: --max-runs must be > 0", file=sys.stderr)
         return 2
+    from trainmem.memory_services import ConsolidationJob, CronScheduler, LeaseHeld, MemoryStore, ensure_layer_chain
+    from trainmem.memory_services.faults import ENV, POINTS
 
-    from trainmem.memory_services import ConsolidationJob, CronScheduler, MemoryStore
-
-    store = MemoryStore(cfg.store_path, cfg.embedding_dim)
+    if args.inject_kill is not None:
+        if args.inject_kill not in POINTS:
+            print(f"trainmem consolidate: --inject-kill {args.inject_kill!r} (fix: one of {', '.join(POINTS)})",
+                  file=sys.stderr)
+            return 2
+        os.environ[ENV] = args.inject_kill
+    try:
+        store = MemoryStore(cfg.store_path, cfg.embedding_dim)
+        if cfg.consolidation.distill:
+            ensure_layer_chain(store, cfg)
+    except ValueError as e:
+        print(f"trainmem consolidate: {args.file}: services.{e}", file=sys.stderr)
+        return 2
     job = ConsolidationJob(
-        store, cfg.consolidation, layer_cfg=cfg.memory_layer.layer_config(),
+        store, cfg.consolidation, layer_cfg=cfg.memory_layer.layer_config(), kind="cli", layer_dir=cfg.layer_dir,
         on_phase=lambda phase: print(f"consolidate: {phase}", flush=True),
     )
     if args.once:
-        result = job.run_once()
+        try:
+            result = job.run_once()
+        except LeaseHeld as e:
+            print(f"trainmem consolidate: not run: {e}", file=sys.stderr, flush=True)
+            if args.json:
+                print(json.dumps({"ran": False, "holder": e.holder}), flush=True)
+            return LEASE_HELD
         print(json.dumps(dataclasses.asdict(result)) if args.json else
               f"consolidate: merged {result.merged} entries into {result.clusters} "
               f"(conflicts {result.conflicts}, watermark {result.watermark}, {result.seconds:.2f}s)", flush=True)

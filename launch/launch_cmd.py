@@ -34,6 +34,8 @@ def _parser() -> Parser:
     p.add_argument("--address", help="override cluster.address (join an existing Ray cluster)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest durable checkpoint")
     p.add_argument("--inject-failure", metavar="SPEC", help="rank=N,step=N[,kind=kill|hang] (tests, demos)")
+    p.add_argument("--init-memory-from", metavar="RUN_DIR_OR_STORE",
+                   help="start (or continue) with the memory-layer values of a run or a served memory store")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     return p
 
@@ -102,6 +104,13 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"--inject-failure: rank={inject.rank} but there are {spec.cluster.workers} workers")
     except (UsageError, ConfigError, ValueError) as e:
         return fail(str(e))
+    if args.init_memory_from:
+        from trainmem.memory_services import plan_memory_init
+
+        try:  # one call: checks the source against the model, and says at which step it applies
+            spec.model.init_memory_from, spec.model.init_memory_step = plan_memory_init(args.init_memory_from, spec)
+        except ValueError as e:
+            return fail(f"trainmem launch: {e}")
     if spec.cluster.address and not trainmem.is_loopback_address(spec.cluster.address):
         if not trainmem.allow_cluster_addresses():
             return fail(f"trainmem launch: cluster.address={spec.cluster.address!r} is another machine, which needs "

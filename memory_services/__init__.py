@@ -1,8 +1,9 @@
 """trainmem.memory_services: trained memory as cluster services.
 
-Memory layers (product keys, hashed n-grams), an Arrow/Parquet memory store, a FAISS retriever,
-exactly-once consolidation jobs, and their Ray Serve deployments, HTTP API and client.
-Ray Serve / FastAPI parts import lazily (``serve_app``, ``MemoryClient``) so layers stay light.
+Memory layers (product keys, hashed n-grams) and their versioned layer store, the memory store
+(an append-only Arrow log), a FAISS retriever, lease-guarded consolidation, and their Ray Serve
+deployments, HTTP API and clients. Ray Serve / FastAPI parts import lazily (``serve_app``,
+``MemoryClient``, ``LayerClient``) so the layers stay light.
 """
 
 from .config import (
@@ -14,70 +15,48 @@ from .config import (
     RetrieverConfig,
     ServicesConfig,
 )
-from .consolidation import ConsolidationJob, ConsolidationResult, CronScheduler, sources_of
-from .distill import distill, load_layer, new_layer, save_layer, top1_accuracy
+from .consolidation import ConsolidationJob, ConsolidationResult, CronScheduler, Lease, LeaseHeld, sources_of
 from .embedder import Embedder, MiniLMEmbedder, normalize
-from .engram import HashedNgramMemory, NgramPrefetcher
-from .optim import RowSparseAdam
-from .product_key import (
+from .layers import (
     ColumnShardedProductKeyMemory,
+    HashedNgramMemory,
+    NgramPrefetcher,
     ProductKeyMemory,
+    RowSparseAdam,
     build_optimizers,
+    memory_layers,
     memory_parameters,
     product_key_topk,
     value_optimizer,
 )
-from .retriever import Retriever
-from .store import Entry, MemoryStore, VersionConflict
+from .layers.distill import distill, new_layer, top1_accuracy
+from .layers.layer_store import LayerChain, LayerStore
+from .retriever import Retriever, StaleIndex
+from .store import Entry, FilterError, IdempotencyConflict, MemoryStore, StoreCorrupt, VersionConflict
+
+_LAZY = {
+    "serve_app": "serving.app", "shutdown_services": "serving.app",
+    "MemoryClient": "client", "MemoryServiceError": "client",
+    "LayerClient": "serving.handle_client", "MemoryUnavailable": "client",
+    "load_run_layer": "layers.from_run", "init_memory": "layers.from_run", "maybe_init_memory": "layers.from_run",
+    "ensure_layer_chain": "layers.from_run", "plan_memory_init": "layers.from_run", "layer_sha256": "layers.from_run",
+}
 
 __all__ = [
-    "ColumnShardedProductKeyMemory",
-    "ConsolidationConfig",
-    "ConsolidationJob",
-    "ConsolidationResult",
-    "CronScheduler",
-    "Embedder",
-    "EngramConfig",
-    "Entry",
-    "HashedNgramMemory",
-    "HttpConfig",
-    "LayerServiceConfig",
-    "MemoryClient",
-    "MemoryServiceError",
-    "MemoryStore",
-    "MiniLMEmbedder",
-    "NgramPrefetcher",
-    "ProductKeyConfig",
-    "ProductKeyMemory",
-    "Retriever",
-    "RowSparseAdam",
-    "RetrieverConfig",
-    "ServicesConfig",
-    "VersionConflict",
-    "build_optimizers",
-    "distill",
-    "load_layer",
-    "memory_parameters",
-    "new_layer",
-    "normalize",
-    "product_key_topk",
-    "save_layer",
-    "serve_app",
-    "shutdown_services",
-    "sources_of",
-    "top1_accuracy",
-    "value_optimizer",
+    "ColumnShardedProductKeyMemory", "ConsolidationConfig", "ConsolidationJob", "ConsolidationResult",
+    "CronScheduler", "Embedder", "EngramConfig", "Entry", "FilterError", "HashedNgramMemory", "HttpConfig",
+    "IdempotencyConflict", "LayerChain", "LayerServiceConfig", "LayerStore", "Lease", "LeaseHeld", "MemoryStore",
+    "MiniLMEmbedder", "NgramPrefetcher", "ProductKeyConfig", "ProductKeyMemory", "Retriever", "RetrieverConfig",
+    "RowSparseAdam", "ServicesConfig", "StaleIndex", "StoreCorrupt", "VersionConflict", "build_optimizers",
+    "distill", "memory_layers", "memory_parameters", "new_layer", "normalize", "product_key_topk", "sources_of",
+    "top1_accuracy", "value_optimizer", *_LAZY,
 ]
 
 
 def __getattr__(name: str):
-    # Ray Serve and httpx load only when services are used.
-    if name in ("serve_app", "shutdown_services"):
-        from . import serve
+    # Ray Serve, FastAPI and httpx load only when services are used.
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(serve, name)
-    if name in ("MemoryClient", "MemoryServiceError"):
-        from . import client
-
-        return getattr(client, name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)

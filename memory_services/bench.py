@@ -1,22 +1,20 @@
 """``trainmem bench memory [--json] [--quick]``: memory services beside their anchors, one run.
 
-1. Product-key layer forward and forward+backward tokens/s vs lucidrains ``product-key-memory``
-   at the same shape (target >= 2x on forward).
-2. Sparse vs dense value-gradient step time at ~1M slots (target >= 5x).
-3. Retriever QPS and recall@10 through the Ray Serve HTTP service vs FAISS called directly on
-   the same index at batch 64 (target >= 0.5x).
-4. Consolidation throughput (entries/s) on near-duplicate clusters.
+1. Product-key forward (fp32 and bf16) and forward+backward vs lucidrains' ``product-key-memory``.
+2. Value step at ~1M slots: active rows + fused row Adam vs a dense gradient + torch's fused Adam.
+3. One small write with 1M entries stored: our log vs the old whole-file Parquet rewrite vs Lance.
+4. Retriever QPS and recall@10 through the HTTP service vs FAISS directly (batch 64).
+5. Memory-layer lookups at batch 1024: in-process vs Serve handle vs HTTP, and 2 shards vs 1.
+6. Consolidation throughput (entries/s) on near-duplicate clusters.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,155 +23,20 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .config import ConsolidationConfig, HttpConfig, LayerServiceConfig, ProductKeyConfig, RetrieverConfig, ServicesConfig
+from . import bench_layers, bench_services, bench_store
+from .config import ConsolidationConfig
 from .consolidation import ConsolidationJob
 from .embedder import normalize
-from .product_key import ProductKeyMemory, value_optimizer
-from .retriever import Retriever
 from .store import MemoryStore
 
 SIZES = {
-    # PKM shape (d, n_keys, topk, heads, tokens); sparse-vs-dense table (big_keys**2 slots x big_v);
-    # retriever index (index_n x index_dim, queries); consolidation entries (cons_n).
-    "full": dict(d=512, n_keys=512, topk=32, heads=4, tokens=1024, big_keys=1024, big_v=256,
-                 index_n=100_000, index_dim=64, queries=2048, cons_n=20_000),
-    "quick": dict(d=64, n_keys=64, topk=8, heads=2, tokens=128, big_keys=128, big_v=32,
-                  index_n=2_000, index_dim=32, queries=128, cons_n=1_000),
+    "full": dict(d=512, n_keys=512, topk=32, heads=4, half=128, tokens=1024, big_keys=1024, big_v=256,
+                 store_n=1_000_000, index_n=100_000, index_dim=64, queries=2048, in_flight=8, replicas=2, threads=1,
+                 lookup_d=512, lookup_keys=512, lookup_batches=8, cons_n=20_000),
+    "quick": dict(d=64, n_keys=64, topk=8, heads=2, half=32, tokens=128, big_keys=128, big_v=32,
+                  store_n=20_000, index_n=2_000, index_dim=32, queries=256, in_flight=2, replicas=1, threads=0,
+                  lookup_d=32, lookup_keys=32, lookup_batches=4, cons_n=1_000),
 }
-
-
-def _timeit(fn, seconds: float, min_iters: int = 3) -> float:
-    """Best seconds per call after a warm-up: the least disturbed run on a shared machine."""
-    return _compare({"fn": fn}, seconds, min_iters)["fn"]
-
-
-def _compare(fns: dict, seconds: float, min_iters: int = 3) -> dict:
-    """Best seconds per call of each function, run in alternating rounds so load hits all alike."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    rounds, start = 0, time.perf_counter()
-    while rounds < min_iters or time.perf_counter() - start < seconds * len(fns):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-        rounds += 1
-    return best
-
-
-def bench_pkm(s: dict, budget: float) -> dict:
-    from product_key_memory import PKM
-
-    torch.manual_seed(0)
-    layers = {
-        "ours": ProductKeyMemory(ProductKeyConfig(
-            d_model=s["d"], heads=s["heads"], n_keys=s["n_keys"], k_dim=256, topk=s["topk"], gated=False,
-            sparse=True)),
-        "pkm": PKM(s["d"], heads=s["heads"], num_keys=s["n_keys"], topk=s["topk"], dim_head=128),
-    }
-    x = torch.randn(1, s["tokens"], s["d"])
-
-    def forward(layer):
-        def run():
-            with torch.no_grad():
-                layer(x)
-        return run
-
-    def forward_backward(layer):
-        def run():
-            layer.zero_grad(set_to_none=True)
-            layer(x).pow(2).mean().backward()
-        return run
-
-    fwd = _compare({name: forward(layer) for name, layer in layers.items()}, budget)
-    fb = _compare({name: forward_backward(layer) for name, layer in layers.items()}, budget)
-    return {name: {"fwd_tok_s": s["tokens"] / fwd[name], "fwdbwd_tok_s": s["tokens"] / fb[name]} for name in layers}
-
-
-def bench_sparse_dense(s: dict, budget: float) -> dict:
-    x = torch.randn(s["tokens"], s["big_v"])
-    times = {}
-    for sparse in (True, False):
-        torch.manual_seed(0)
-        layer = ProductKeyMemory(ProductKeyConfig(
-            d_model=s["big_v"], heads=4, n_keys=s["big_keys"], k_dim=64, topk=32, gated=False, sparse=sparse))
-        opt = value_optimizer(layer.value_parameters(), lr=1e-3, sparse=sparse)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            layer(x).pow(2).mean().backward()
-            opt.step()
-
-        times["sparse" if sparse else "dense"] = _timeit(step, budget)
-        del layer, opt
-    return {"slots": s["big_keys"] ** 2, "sparse_step_s": times["sparse"], "dense_step_s": times["dense"]}
-
-
-def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    """Unit vectors in clusters of ~4 (what a retriever and a consolidation job both meet)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 4), dim))
-    return normalize(centres[rng.integers(0, len(centres), n)] + 0.35 * rng.standard_normal((n, dim)))
-
-
-def bench_retriever(s: dict, budget: float, workdir: Path, progress) -> dict:
-    import ray
-
-    from .client import MemoryClient
-    from .serve import serve_app, shutdown_services
-
-    dim, n = s["index_dim"], s["index_n"]
-    vecs = _clustered(n, dim, 1)
-    queries = normalize(vecs[np.random.default_rng(2).integers(0, n, s["queries"])]
-                        + 0.1 * np.random.default_rng(3).standard_normal((s["queries"], dim)))
-    store = MemoryStore(workdir / "retriever.parquet", dim)
-    store.add([f"v{i}" for i in range(n)], vecs, ids=[f"v{i}" for i in range(n)])
-    cfg = RetrieverConfig(kind="hnsw", ef_search=128, embedder="none")
-    local = Retriever(dim, cfg)
-    local.apply_rows(store.scan(0))
-    index = local._index
-    params = local._search_params(None)
-    batches = [queries[i : i + 64] for i in range(0, len(queries), 64)]
-    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
-
-    def direct_pass():
-        # The same two requests in flight as the service gets (FAISS releases the GIL).
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda b: index.search(b, 10, params=params), batches))
-
-    direct_qps = len(queries) / _timeit(direct_pass, budget, 1)
-    progress()
-
-    svc = ServicesConfig(
-        store_path=str(store.path), embedding_dim=dim, retriever=cfg, http=HttpConfig(port=0, max_batch=64),
-        consolidation=ConsolidationConfig(schedule="0 0 1 1 *"),
-        memory_layer=LayerServiceConfig(enabled=False, d_model=dim),
-    )
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        url = serve_app(svc, token="", schedule=False, timeout_s=300)
-        client = MemoryClient(url, timeout_s=120)
-        client.search(batches[0], 10)  # warm the replica (first sync builds its index)
-        ids = []
-
-        def service_pass():
-            # Two requests in flight: the HTTP hop overlaps with the previous search.
-            with ThreadPoolExecutor(2) as pool:
-                ids[:] = list(pool.map(lambda b: client.search(b, 10), batches))
-
-        service_qps = len(queries) / _timeit(service_pass, budget, 1)
-        got = [[int(h[1:]) for h, _ in row] for chunk in ids for row in chunk]
-        recall = float(np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact)]))
-        client.close()
-    finally:
-        shutdown_services()
-        if started_ray:
-            ray.shutdown()
-    return {"n": n, "dim": dim, "direct_qps": direct_qps, "service_qps": service_qps, "recall_at_10": recall}
 
 
 def bench_consolidation(s: dict, workdir: Path) -> dict:
@@ -181,7 +44,7 @@ def bench_consolidation(s: dict, workdir: Path) -> dict:
     rng = np.random.default_rng(4)
     centres = rng.standard_normal((n // 4, dim))
     vecs = normalize(centres[np.arange(n) % len(centres)] + 0.05 * rng.standard_normal((n, dim)))
-    store = MemoryStore(workdir / "consolidation.parquet", dim)
+    store = MemoryStore(workdir / "consolidation", dim)
     store.add([f"memory {i % len(centres)} variant {i}" for i in range(n)], vecs)
     t0 = time.perf_counter()
     result = ConsolidationJob(store, ConsolidationConfig(similarity=0.9)).run_once()
@@ -189,31 +52,41 @@ def bench_consolidation(s: dict, workdir: Path) -> dict:
     return {"entries": n, "clusters": result.clusters, "seconds": seconds, "entries_per_s": n / seconds}
 
 
-def run(quick: bool, budget: float, console: Console) -> dict:
+def run(quick: bool, budget: float, console: Console, workdir: str | None = None) -> dict:
     s = SIZES["quick" if quick else "full"]
-    with tempfile.TemporaryDirectory(prefix="trainmem-bench-memory-") as tmp, Progress(
+    with tempfile.TemporaryDirectory(prefix="trainmem-bench-memory-", dir=workdir) as tmp, Progress(
         console=console, transient=True
     ) as bar:
-        task = bar.add_task("memory benchmark", total=5)
-        pkm = bench_pkm(s, budget)
-        bar.advance(task)
-        sd = bench_sparse_dense(s, budget)
-        bar.advance(task)
-        ret = bench_retriever(s, budget, Path(tmp), lambda: bar.advance(task))
-        bar.advance(task)
+        task = bar.add_task("memory benchmark", total=7)
+        step = lambda: bar.advance(task)  # noqa: E731
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        pkm = bench_layers.bench_pkm(s, budget)
+        step()
+        sd = bench_layers.bench_sparse_dense(s, budget)
+        step()
+        store = bench_store.run(s["store_n"], Path(tmp), writes=20 if not quick else 5, rewrites=3 if not quick else 2)
+        step()
+        services = bench_services.run(s, budget, Path(tmp), step)
         cons = bench_consolidation(s, Path(tmp))
-        bar.advance(task)
+        step()
+    ret, look = services["retriever"], services["lookup"]
     return {
         "size": "quick" if quick else "full",
-        "pkm": pkm,
-        "sparse_dense": sd,
-        "retriever": ret,
-        "consolidation": cons,
+        "pkm": pkm, "sparse_dense": sd, "store": store, "retriever": ret, "lookup": look, "consolidation": cons,
         "pkm_fwd_speedup": pkm["ours"]["fwd_tok_s"] / pkm["pkm"]["fwd_tok_s"],
+        "pkm_fwd_speedup_bf16": pkm["ours"]["fwd_bf16_tok_s"] / pkm["pkm"]["fwd_bf16_tok_s"],
+        "pkm_bf16_anchor_precision": pkm["pkm_bf16_precision"],
         "pkm_fwdbwd_speedup": pkm["ours"]["fwdbwd_tok_s"] / pkm["pkm"]["fwdbwd_tok_s"],
         "sparse_vs_dense_step": sd["dense_step_s"] / sd["sparse_step_s"],
+        "write_speedup_1m": store["rewrite"]["write_ms"] / store["ours"]["write_ms"],
+        "write_vs_lance_cas": (store["lance"].get("cas_write_ms", float("nan")) / store["ours"]["update_cas_ms"]),
         "retriever_qps_ratio": ret["service_qps"] / ret["direct_qps"],
+        "retriever_ids_qps_ratio": ret["service_ids_qps"] / ret["direct_qps"],
         "recall_at_10": ret["recall_at_10"],
+        "lookup_handle_ratio": look["handle_tok_s"] / look["inproc_tok_s"],
+        "lookup_http_ratio": look["http_tok_s"] / look["inproc_tok_s"],
+        "lookup_sharded_ratio": look["sharded2_handle_tok_s"] / look["handle_tok_s"],
+        "lookup_sharded_columns_ratio": look["sharded2_columns_handle_tok_s"] / look["handle_tok_s"],
         "consolidation_entries_per_s": cons["entries_per_s"],
     }
 
@@ -222,16 +95,34 @@ def _table(r: dict) -> Table:
     t = Table(title=f"trainmem bench memory ({r['size']})")
     for col in ("measure", "trainmem", "anchor", "ratio", "target"):
         t.add_column(col)
-    p, sd, ret = r["pkm"], r["sparse_dense"], r["retriever"]
-    t.add_row("PKM forward tok/s", f"{p['ours']['fwd_tok_s']:,.0f}", f"{p['pkm']['fwd_tok_s']:,.0f} (product-key-memory)",
-              f"{r['pkm_fwd_speedup']:.2f}x", ">= 2x")
+    p, sd, st, ret, lk = r["pkm"], r["sparse_dense"], r["store"], r["retriever"], r["lookup"]
+    t.add_row("PKM forward tok/s (fp32)", f"{p['ours']['fwd_tok_s']:,.0f}", f"{p['pkm']['fwd_tok_s']:,.0f} (product-key-memory)",
+              f"{r['pkm_fwd_speedup']:.2f}x", ">= 1.5x")
+    t.add_row("PKM forward tok/s (bf16)", f"{p['ours']['fwd_bf16_tok_s']:,.0f}",
+              f"{p['pkm']['fwd_bf16_tok_s']:,.0f} ({r['pkm_bf16_anchor_precision']})", f"{r['pkm_fwd_speedup_bf16']:.2f}x", ">= 2.5x")
     t.add_row("PKM fwd+bwd tok/s", f"{p['ours']['fwdbwd_tok_s']:,.0f}", f"{p['pkm']['fwdbwd_tok_s']:,.0f}",
               f"{r['pkm_fwdbwd_speedup']:.2f}x", "")
-    t.add_row(f"value step s ({sd['slots']:,} slots)", f"{sd['sparse_step_s']:.4f} (sparse)",
-              f"{sd['dense_step_s']:.4f} (dense)", f"{r['sparse_vs_dense_step']:.1f}x", ">= 5x")
-    t.add_row(f"retriever QPS, batch 64 ({ret['n']:,}x{ret['dim']})", f"{ret['service_qps']:,.0f} (HTTP service)",
-              f"{ret['direct_qps']:,.0f} (FAISS direct)", f"{r['retriever_qps_ratio']:.2f}x", ">= 0.5x")
+    t.add_row(f"value step s ({sd['slots']:,} x {sd['cols']})", f"{sd['sparse_step_s']:.4f} (active rows)",
+              f"{sd['dense_step_s']:.4f} (dense, fused Adam)", f"{r['sparse_vs_dense_step']:.1f}x", ">= 5x")
+    t.add_row(f"one write, {st['entries']:,} stored (ms)", f"{st['ours']['write_ms']:.2f} (log + fdatasync)",
+              f"{st['rewrite']['write_ms']:,.0f} (whole-file rewrite)", f"{r['write_speedup_1m']:,.0f}x", ">= 20x")
+    lance = st["lance"]
+    if "error" not in lance:
+        t.add_row("  CAS update vs Lance (ms)", f"{st['ours']['update_cas_ms']:.2f}",
+                  f"{lance['cas_write_ms']:.1f} (get {lance['get_ms']:.1f} + merge_insert {lance['merge_insert_ms']:.1f}; "
+                  f"append {lance['append_ms']:.1f}, no fsync)", f"{r['write_vs_lance_cas']:.1f}x", "")
+    t.add_row(f"retriever QPS, batch 64 ({ret['n']:,}x{ret['dim']})", f"{ret['service_qps']:,.0f} (HTTP, entries)",
+              f"{ret['direct_qps']:,.0f} (FAISS direct)", f"{r['retriever_qps_ratio']:.2f}x", ">= 0.8x")
+    t.add_row("  ids and scores only (include=[])", f"{ret['service_ids_qps']:,.0f}", "",
+              f"{r['retriever_ids_qps_ratio']:.2f}x", "")
     t.add_row("recall@10 via service", f"{ret['recall_at_10']:.3f}", "1.0 (exact)", "", ">= 0.95")
+    t.add_row(f"lookup tok/s, batch 1024 ({lk['slots']:,} slots)", f"{lk['handle_tok_s']:,.0f} (Serve handle)",
+              f"{lk['inproc_tok_s']:,.0f} (in-process)", f"{r['lookup_handle_ratio']:.2f}x", ">= 0.7x")
+    t.add_row("  through HTTP", f"{lk['http_tok_s']:,.0f}", "", f"{r['lookup_http_ratio']:.2f}x", ">= 0.3x")
+    t.add_row("  2 value shards by rows vs 1", f"{lk['sharded2_handle_tok_s']:,.0f}", f"{lk['handle_tok_s']:,.0f}",
+              f"{r['lookup_sharded_ratio']:.2f}x", "as measured")
+    t.add_row("  2 value shards by columns vs 1", f"{lk['sharded2_columns_handle_tok_s']:,.0f}", f"{lk['handle_tok_s']:,.0f}",
+              f"{r['lookup_sharded_columns_ratio']:.2f}x", "as measured")
     t.add_row("consolidation entries/s", f"{r['consolidation_entries_per_s']:,.0f}", "", "", "")
     return t
 
@@ -241,10 +132,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")
     p.add_argument("--seconds", type=float, default=None, help="timing budget per measurement")
+    p.add_argument("--workdir", default=None, help="where the temporary stores go (default: the system temp dir)")
     args = p.parse_args(argv)
     budget = args.seconds if args.seconds is not None else (0.3 if args.quick else 3.0)
     console = Console(stderr=args.json)
-    result = run(args.quick, budget, console)
+    result = run(args.quick, budget, console, args.workdir)
     console.print(_table(result))
     if args.json:
         print(json.dumps(result), flush=True)

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainmem.memory_services.config import EngramConfig, ProductKeyConfig
+
 # name -> (n_layer, n_head, d_model, seq_len)
 SIZES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (2, 4, 64, 64),
@@ -43,6 +45,16 @@ class ModelConfig:
     """MLP hidden width as a multiple of d_model."""
     memory_layers: list[int] = field(default_factory=list)
     """Block indices whose MLP is replaced by a product-key memory layer (memory_services)."""
+    product_key: ProductKeyConfig = field(default_factory=ProductKeyConfig)
+    """[model.product_key] the memory layers' settings (d_model = 0: the model's width)."""
+    ngram_memory: bool = False
+    """Add a hashed n-gram (Engram) memory to the embedding output; its tables are trained row-sparse."""
+    engram: EngramConfig = field(default_factory=EngramConfig)
+    """[model.engram] the n-gram memory's settings (d_model = 0: the model's width)."""
+    init_memory_from: str = ""
+    """A run directory or memory store whose memory layer values replace this model's at init_memory_step."""
+    init_memory_step: int = 0
+    """The step whose restore is followed by init_memory_from (set by `trainmem launch --init-memory-from`)."""
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -64,6 +76,16 @@ class ModelConfig:
         bad = [i for i in self.memory_layers if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"memory_layers={bad} are outside 0..{self.n_layer - 1}")
+        for name in ("product_key", "engram"):
+            width = getattr(self, name).d_model
+            if width not in (0, self.d_model):
+                raise ValueError(f"{name}.d_model={width} must be 0 or the model's d_model={self.d_model}")
+        if self.init_memory_step < 0:
+            raise ValueError(f"init_memory_step={self.init_memory_step} must be >= 0")
+
+    def memory_layer_config(self) -> ProductKeyConfig:
+        """The product-key layer config of blocks in memory_layers."""
+        return replace(self.product_key, d_model=self.d_model)
 
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)
@@ -119,15 +141,21 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Module):
+    """Token + position embeddings, plus the n-gram memory's read when ``ngram_memory`` is on."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.ngram = _ngram_memory(cfg) if cfg.ngram_memory else None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.dropout(self.tok(idx) + self.pos(pos))
+        x = self.tok(idx) + self.pos(pos)
+        if self.ngram is not None:
+            x = x + self.ngram.embed(x, idx)
+        return self.dropout(x)
 
 
 class Head(nn.Module):
@@ -174,10 +202,16 @@ class GPT(nn.Module):
 
 
 def _memory_mlp(cfg: ModelConfig) -> nn.Module:
-    # Imported here so the plain GPT needs nothing from memory_services.
-    from trainmem.memory_services import ProductKeyMemory, ProductKeyConfig
+    # Imported here so the plain GPT needs nothing from memory_services' layers.
+    from trainmem.memory_services import ProductKeyMemory
 
-    return ProductKeyMemory(ProductKeyConfig(d_model=cfg.d_model))
+    return ProductKeyMemory(cfg.memory_layer_config())
+
+
+def _ngram_memory(cfg: ModelConfig) -> nn.Module:
+    from trainmem.memory_services import HashedNgramMemory
+
+    return HashedNgramMemory(replace(cfg.engram, d_model=cfg.d_model))
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

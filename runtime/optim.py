@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from trainmem.memory_services import ProductKeyMemory, value_optimizer
+from trainmem.memory_services import memory_layers, value_optimizer
 
 from .config import TrainConfig
 
@@ -58,11 +58,10 @@ def build_optimizer(model: torch.nn.Module, params: list[torch.nn.Parameter], cf
     mine = {id(p) for p in params}
     value_ids: set[int] = set()
     optimizers: list[torch.optim.Optimizer] = []
-    for layer in model.modules():
-        if isinstance(layer, ProductKeyMemory):
-            values = [p for p in layer.value_parameters() if id(p) in mine]
-            value_ids |= {id(p) for p in values}
-            if values:
-                optimizers.append(value_optimizer(values, layer.cfg.value_lr, layer.cfg.sparse))
+    for layer in memory_layers(model):
+        values = [p for p in layer.value_parameters() if id(p) in mine]
+        value_ids |= {id(p) for p in values}
+        if values:
+            optimizers.append(value_optimizer(values, layer.value_lr, layer.sparse_values))
     dense = [p for p in params if id(p) not in value_ids]
     return OptimizerSet([torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay), *optimizers])

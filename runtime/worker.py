@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from trainmem.checkpoint import Candidate, RankSnapshots
+from trainmem.memory_services import maybe_init_memory
 from trainmem.offload import ActivationPolicy
 
 from .checkpointing import (CheckpointCallback, DurableCheckpoints, Snapshots, open_reader, snapshot_meta,
@@ -236,6 +237,8 @@ class Worker:
         candidates = [Candidate.from_json(c) for c in restore["candidates"]]
         result = walk_restore(self.engine, candidates,
                               lambda c: open_reader(c, spec.checkpoint_dir, self.snapshots), self.rank)
+        if result["step"] is not None and (loaded := maybe_init_memory(self.model, spec.model, result["step"])):
+            self._event("memory_init", rank=self.rank, step=result["step"], **loaded)  # --init-memory-from
         with self._lock:
             self._step_done = result["step"] or 0
         self._state_step = self._step_done

@@ -20,6 +20,7 @@ def test_example_memory_toml_parses():
     cfg = serve_cmd.load_services(str(REPO / "examples" / "memory.toml"))
     assert isinstance(cfg, ServicesConfig)
     assert cfg.http.host == "127.0.0.1" and cfg.retriever.kind == "hnsw" and cfg.consolidation.distill
+    assert cfg.http.auth == "token" and ServicesConfig(http=cfg.http).http.auth == "token"  # secure by default
 
 
 @pytest.mark.parametrize(
@@ -29,7 +30,12 @@ def test_example_memory_toml_parses():
         ({"consolidation": {"schedule": "every tuesday"}}, "services.consolidation.schedule"),
         ({"http": {"prot": 80}}, "services.http.prot: unknown key"),
         ({"embedding_dim": 128}, "services.embedding_dim: embedding_dim=128 must be 384"),
-        ({"memory_layer": {"topk": "8"}}, "services.memory_layer.topk: expected int"),
+        ({"memory_layer": {"topk": "8"}}, "services.memory_layer.topk"),
+        ({"http": {"auth": "none", "host": "0.0.0.0"}}, "services.http.auth: auth='none' is only allowed on a loopback"),
+        ({"http": {"auth": "basic"}}, "services.http.auth"),
+        ({"memory_layer": {"shard_by": "diagonal"}}, "services.memory_layer.shard_by"),
+        ({"memory_layer": {"layer": 1}}, "services.memory_layer.layer: layer=1 needs from_run"),
+        ({"retriever": {"replicas": 0}}, "services.retriever.replicas"),
     ],
 )
 def test_bad_services_table_names_the_key(table, needle):
@@ -49,13 +55,16 @@ def test_serve_usage_errors_exit_2(tmp_path, capsys):
     bad.write_text("[services.http]\nport = -1\n")
     assert serve_cmd.main([str(bad)]) == 2
     unset = tmp_path / "token.toml"
-    unset.write_text('[services.http]\ntoken_env = "TRAINMEM_TEST_UNSET_TOKEN_VAR"\n')
+    unset.write_text(f'[services]\nstore_path = "{tmp_path / "s"}"\nembedding_dim = 16\n[services.retriever]\n'
+                     'embedder = "none"\n[services.memory_layer]\nenabled = false\n'
+                     '[services.http]\ntoken_env = "TRAINMEM_TEST_UNSET_TOKEN_VAR"\nport = 0\n')
     assert serve_cmd.main([str(unset)]) == 2
     with pytest.raises(SystemExit) as e:
         serve_cmd.main([])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert all(line.startswith("trainmem serve: ") for line in err) and len(err) == 4
+    assert serve_cmd.main([str(bad), "--from-run", str(tmp_path)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("trainmem serve: ")]
+    assert len(err) == 5, err
     assert "port=-1" in err[1] and "TRAINMEM_TEST_UNSET_TOKEN_VAR" in err[2]
 
 
@@ -68,7 +77,8 @@ def test_bench_quick_json(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("pkm_fwd_speedup", "sparse_vs_dense_step", "retriever_qps_ratio", "recall_at_10",
+    for key in ("pkm_fwd_speedup", "pkm_fwd_speedup_bf16", "sparse_vs_dense_step", "retriever_qps_ratio",
+                "recall_at_10", "write_speedup_1m", "lookup_handle_ratio", "lookup_http_ratio", "lookup_sharded_ratio",
                 "consolidation_entries_per_s"):
         assert result[key] > 0, key
     assert result["recall_at_10"] >= 0.9

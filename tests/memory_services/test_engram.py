@@ -36,12 +36,12 @@ def test_prefetched_rows_equal_direct_gather_and_training_touches_only_them():
     for ids, addr, rows in prefetch:
         assert torch.equal(addr, mem.addresses(ids))
         assert torch.equal(rows, mem.gather(addr))
-        before = mem.tables.clone()
+        before = mem.tables.detach().clone()
         mem(hidden, rows).pow(2).mean().backward()
         mem.update_rows(addr, rows.grad, lr=0.5)
-        changed = (mem.tables != before).any(-1)  # (heads, rows)
+        changed = (mem.tables != before).any(-1)  # one flag per row of every head's table
         touched = torch.zeros_like(changed)
-        touched[torch.arange(mem.n_heads).expand_as(addr).reshape(-1), addr.reshape(-1)] = True
+        touched[torch.arange(mem.n_heads).expand_as(addr).reshape(-1) * CFG.table_rows + addr.reshape(-1)] = True
         assert changed.any() and not (changed & ~touched).any()
         seen += 1
     assert seen == 5
@@ -63,3 +63,34 @@ def test_bad_config_names_the_field():
         EngramConfig(orders=[])
     with pytest.raises(ValueError, match=r"^table_rows=0"):
         EngramConfig(table_rows=0)
+
+
+def test_ngram_memory_in_a_model_is_in_state_dict_and_trains_only_the_rows_read():
+    from trainmem.memory_services import build_optimizers
+    from trainmem.runtime.models import ModelConfig, build, lm_loss
+
+    cfg = ModelConfig(size="tiny", ngram_memory=True, engram=EngramConfig(d_model=0, table_rows=1009, row_dim=8))
+    model = build(cfg, seed=0)
+    state = model.state_dict()
+    assert state["embed.ngram.table.weight"].shape == (len(cfg.engram.orders) * cfg.engram.heads_per_order * 1009, 8)
+    twin = build(cfg, seed=0)
+    twin.load_state_dict(state)  # checkpoints keep the tables: a reload is bitwise the same
+    assert torch.equal(twin.embed.ngram.tables, model.embed.ngram.tables)
+    opts = build_optimizers(model, lr=3e-3)
+    assert any(p is model.embed.ngram.tables for o in opts[1:] for g in o.param_groups for p in g["params"])
+    idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    read = model.embed.ngram._flat(model.embed.ngram.addresses(idx[:, :-1])).unique()
+    before = model.embed.ngram.tables.detach().clone()
+    losses = []
+    for _ in range(6):
+        loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        assert model.embed.ngram.tables.grad.is_sparse
+        for o in opts:
+            o.step()
+        losses.append(loss.item())
+    changed = (model.embed.ngram.tables != before).any(-1).nonzero().flatten()
+    assert set(changed.tolist()) == set(read.tolist())
+    assert losses[-1] < losses[0]

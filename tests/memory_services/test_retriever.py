@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainmem.memory_services import MemoryStore, Retriever, RetrieverConfig
+from trainmem.memory_services import MemoryStore, Retriever, RetrieverConfig, StaleIndex
 
 CONFIGS = {
     "hnsw": RetrieverConfig(kind="hnsw", embedder="none"),
@@ -43,7 +43,7 @@ def test_a_docstring_finds_itself_by_text(docstring_embeddings):
     texts, vecs = docstring_embeddings
     r = Retriever(vecs.shape[1], RetrieverConfig(kind="hnsw"))  # the bundled MiniLM embeds the queries
     r.add([f"d{i}" for i in range(200)], vecs[:200])
-    hits = r.search_texts(texts[:20], k=1)
+    hits = r.search(r.encode(texts[:20]), k=1)
     assert sum(row[0][0] == f"d{i}" for i, row in enumerate(hits)) >= 19
 
 
@@ -69,14 +69,14 @@ def test_deleted_entries_are_never_returned_and_compaction_keeps_recall(docstrin
 def test_filtered_search_matches_exact_filtered(docstring_embeddings):
     ids, vecs, queries = _split(docstring_embeddings)
     r = Retriever(vecs.shape[1], CONFIGS["hnsw"])
-    r.add(ids, vecs, [{"shard": j % 7} for j in range(len(ids))])
+    r.add(ids, vecs, [{"shard": j % 7, "j": j} for j in range(len(ids))], ["a" if j % 2 else "b" for j in range(len(ids))])
     for exact_max in (4096, 0):  # the exact path, then FAISS with an IDSelectorBitmap
         r.exact_filter_max = exact_max
-        where = {"shard": 3}
-        got = [[h for h, _ in row] for row in r.search(queries[:30], 10, where)]
-        sel = [j for j in range(len(ids)) if j % 7 == 3]
+        where = {"shard": {"$in": [3, 4]}, "j": {"$lt": 900}}
+        got = [[h for h, _ in row] for row in r.search(queries[:30], 10, where, namespace="a")]
+        sel = [j for j in range(len(ids)) if j % 7 in (3, 4) and j < 900 and j % 2]
         want = _exact([ids[j] for j in sel], vecs[sel], queries[:30])
-        assert all(int(h[1:]) % 7 == 3 for row in got for h in row)
+        assert all(int(h[1:]) in set(sel) for row in got for h in row)
         assert _recall(got, want) >= 0.95
 
 
@@ -97,9 +97,24 @@ def test_save_load_round_trip(tmp_path, docstring_embeddings):
         Retriever.load(tmp_path / "nothing")
 
 
+def test_a_saved_index_is_refused_for_another_store_config_or_a_newer_state(tmp_path, docstring_embeddings):
+    ids, vecs, _ = _split(docstring_embeddings)
+    r = Retriever(vecs.shape[1], CONFIGS["hnsw"])
+    r.add(ids[:50], vecs[:50])
+    r.watermark = 50
+    r.save(tmp_path / "i", store_id="store-a")
+    assert len(Retriever.load(tmp_path / "i", CONFIGS["hnsw"], store_id="store-a", store_seq=60)) == 50
+    with pytest.raises(StaleIndex, match="store-a"):
+        Retriever.load(tmp_path / "i", CONFIGS["hnsw"], store_id="store-b")
+    with pytest.raises(StaleIndex, match="hnsw_m=32"):
+        Retriever.load(tmp_path / "i", RetrieverConfig(kind="hnsw", hnsw_m=16, embedder="none"))
+    with pytest.raises(StaleIndex, match="store is at 10"):
+        Retriever.load(tmp_path / "i", CONFIGS["hnsw"], store_id="store-a", store_seq=10)
+
+
 def test_follows_the_store_through_its_watermark(tmp_path, docstring_embeddings):
     _, vecs = docstring_embeddings
-    store = MemoryStore(tmp_path / "s.parquet", vecs.shape[1])
+    store = MemoryStore(tmp_path / "s", vecs.shape[1])
     r = Retriever(vecs.shape[1], CONFIGS["hnsw"])
     added = store.add([f"t{i}" for i in range(50)], vecs[:50])
     r.apply_rows(store.scan(r.watermark))

@@ -5,7 +5,11 @@ and hashed by ``heads_per_order`` independent multiplicative hashes into per-hea
 live in host memory. Addresses depend only on input ids, so a prefetch thread computes them and
 gathers the rows a batch needs while the previous batch runs (pinned + non-blocking copy on
 CUDA). A context gate (hidden state · projected memory) decides how much of the memory to add.
-Table rows are trained sparsely on the host: only the gathered rows receive updates.
+
+The tables are one parameter (in ``state_dict``, so checkpoints keep them). Inside a model
+(``[model] ngram_memory = true``) ``rows(ids)`` reads them through ``GatherRows``: the gradient is
+the active rows only, trained by the layer's row-sparse Adam like product-key values. The
+prefetch path (``gather`` ahead of time, ``update_rows``) trains the same rows by SGD on the host.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import EngramConfig
+from ..config import EngramConfig
+from .product_key import GatherRows, active_rows
 
 _MIX = 0x100000001B3  # FNV-64 prime: combines ids of one n-gram
 _MASK61 = (1 << 61) - 1
@@ -34,8 +39,12 @@ class HashedNgramMemory(nn.Module):
         # Odd multipliers below 2**61: deterministic per (seed, head), so addresses are reproducible.
         mult = torch.randint(1, 1 << 60, (self.n_heads,), generator=gen, dtype=torch.int64) * 2 + 1
         self.register_buffer("multipliers", mult, persistent=True)
-        tables = torch.randn(self.n_heads, cfg.table_rows, cfg.row_dim, generator=gen) * cfg.row_dim**-0.5
-        self.tables = tables.pin_memory() if torch.cuda.is_available() else tables
+        if cfg.d_model <= 0:
+            raise ValueError(f"d_model={cfg.d_model} must be set (> 0) before building the memory")
+        tables = torch.randn(self.n_heads * cfg.table_rows, cfg.row_dim, generator=gen) * cfg.row_dim**-0.5
+        # Row (head, r) of the per-head tables is row head * table_rows + r of this one parameter. An
+        # Embedding(sparse=True) holds it so DistributedDataParallel expects its sparse gradient.
+        self.table = nn.Embedding(*tables.shape, sparse=True, _weight=tables.pin_memory() if torch.cuda.is_available() else tables)
         # Updates since a prefetch gathered its rows: (update number, flat row ids) so a prefetched
         # batch can patch exactly the rows that went stale instead of re-gathering everything.
         self.update_count = 0
@@ -60,13 +69,38 @@ class HashedNgramMemory(nn.Module):
                 out.append(torch.remainder(x, self.cfg.table_rows))
         return torch.stack(out, dim=-1)
 
+    @torch.no_grad()
     def gather(self, addr: torch.Tensor) -> torch.Tensor:
-        """Rows for ``addr`` (B, T, H) from the host tables → (B, T, H, row_dim)."""
-        heads = torch.arange(self.n_heads).expand_as(addr)
-        return self.tables[heads, addr]
+        """Rows for ``addr`` (B, T, H) from the host tables → (B, T, H, row_dim), no gradient."""
+        return self.tables[self._flat(addr)]
 
     def _flat(self, addr: torch.Tensor) -> torch.Tensor:
         return torch.arange(self.n_heads).expand_as(addr) * self.cfg.table_rows + addr
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids → (B, T, H, row_dim) rows whose gradient reaches the tables as active rows."""
+        flat = self._flat(self.addresses(ids)).to(self.tables.device)
+        if not (torch.is_grad_enabled() and self.tables.requires_grad):
+            return self.tables[flat]
+        unique, local = active_rows(flat, self.tables.shape[0])
+        return GatherRows.apply(self.tables, unique)[local]
+
+    def embed(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The memory's contribution for tokens ``ids`` at hidden states ``hidden``."""
+        return self(hidden, self.rows(ids))
+
+    @property
+    def tables(self) -> nn.Parameter:
+        return self.table.weight
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [self.tables]
+
+    @property
+    def value_lr(self) -> float:
+        return self.cfg.lr
+
+    sparse_values = True
 
     def refresh(self, addr: torch.Tensor, rows: torch.Tensor, since: int) -> torch.Tensor:
         """Patch rows gathered at update number ``since`` with updates made after it."""
@@ -78,7 +112,7 @@ class HashedNgramMemory(nn.Module):
         flat = self._flat(addr)
         stale = torch.isin(flat, torch.cat(dirty))
         rows = rows.clone()
-        rows[stale.to(rows.device)] = self.tables.view(-1, self.cfg.row_dim)[flat[stale]].to(rows.device, rows.dtype)
+        rows[stale.to(rows.device)] = self.tables.detach()[flat[stale]].to(rows.device, rows.dtype)
         return rows
 
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -94,8 +128,9 @@ class HashedNgramMemory(nn.Module):
         """SGD on the gathered host rows only (duplicates accumulate)."""
         lr = self.cfg.lr if lr is None else lr
         flat = self._flat(addr).reshape(-1)
-        self.tables.view(-1, self.cfg.row_dim).index_put_(
-            (flat,), -lr * rows_grad.reshape(-1, self.cfg.row_dim).to("cpu", self.tables.dtype), accumulate=True
+        self.tables.index_put_(
+            (flat,), -lr * rows_grad.reshape(-1, self.cfg.row_dim).to(self.tables.device, self.tables.dtype),
+            accumulate=True,
         )
         self._updates.append((self.update_count + 1, torch.unique(flat)))
         self.update_count += 1
