@@ -76,7 +76,7 @@ def _check_offload(part: str, value: Any, stage: int) -> None:
         return
     where = f"deepspeed_config.zero_optimization.{part}"
     if not isinstance(value, dict):
-        raise ValueError(f"{where}={value!r} must be a table such as {{device = 'cpu'}}")
+        raise ValueError(f"{where}={value!r} must be a table (fix: write it as {{device = 'cpu'}})")
     for key in value:
         if key not in OFFLOAD_KEYS:
             raise ValueError(f"{where}.{key}=... is not supported (fix: remove it; supported: device, pin_memory)")
@@ -86,10 +86,10 @@ def _check_offload(part: str, value: Any, stage: int) -> None:
                          "which trainmem's snapshots cannot capture (fix: device = 'cpu', or [placement] with a "
                          "disk tier)")
     if device not in ("cpu", "none"):
-        raise ValueError(f"{where}.device={device!r} must be 'cpu' or 'none'")
+        raise ValueError(f"{where}.device={device!r} must be 'cpu' or 'none' (fix: one of those)")
     if part == "offload_param" and device == "cpu" and stage != 3:
         raise ValueError(f"{where}.device='cpu' needs zero_optimization.stage = 3 (parameters are partitioned "
-                         f"only at stage 3; this config has stage {stage})")
+                         f"only at stage 3; this config has stage {stage}); fix: set stage = 3 or remove offload_param")
 
 
 def offloads_optimizer(table: dict[str, Any]) -> bool:
