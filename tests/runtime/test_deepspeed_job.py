@@ -49,6 +49,10 @@ def _check_recovered(spec, result, ddp):
     # Partitions have no replica: the restore is the newest step both ranks stored (7, or 6 if the kill beat it).
     assert restored["tier"] == "memory" and restored["step"] in (6, 7), restored
     assert result.restarts == 1 and result.steps == STEPS
+    # No GPU here: NVML's absence is said once for the job (not again by the restarted group), nothing else.
+    unavailable = [e for e in events if e["event"] == "nvml_unavailable"]
+    assert len(unavailable) == 1 and unavailable[0]["reason"], unavailable
+    assert not any("gpus" in m for m in read_jsonl(spec.run_dir / "metrics.jsonl"))
     losses, reference = _losses(result), _losses(ddp)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [losses[s] for s in sorted(losses)] == pytest.approx([reference[s] for s in sorted(reference)], rel=1e-5)
