@@ -2,11 +2,12 @@
 
 Each check runs the real code path and compares it with a reference, giving a pass/fail and one
 figure; the last line printed is one JSON object. Paths: activation offload (copy streams and the
-pinned host pool; gradients bitwise equal to keeping everything), parameter placement (the device
-budget checked with ``torch.cuda.max_memory_allocated``), snapshot capture from CUDA tensors (pinned
-staging on a side stream, fetched back from the holder and compared), the product-key memory layer
-forward and backward on CUDA vs CPU, NVML telemetry, and a one-rank NCCL group. Without CUDA it says
-"no CUDA" and exits 0 (CI never depends on it). Budget: well under 5 minutes on one GPU.
+pinned host pool; gradients bitwise equal to keeping everything), parameter placement over the device,
+host and disk tiers (the device budget checked with ``torch.cuda.max_memory_allocated``), snapshot
+capture from CUDA tensors (pinned staging on a side stream, fetched back from the holder and
+compared), the product-key memory layer forward and backward on CUDA vs CPU, NVML telemetry, and a
+one-rank NCCL group. Without CUDA it says "no CUDA" and exits 0 (CI never depends on it). Budget: well
+under 5 minutes on one GPU.
 
 The offload, placement, snapshot and memory-layer checks take the device as an argument, so the
 test suite runs them on CPU too (their API use and references are checked on every machine); the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -132,8 +134,9 @@ def _plain_adamw(x, y, device: torch.device) -> tuple[list[float], int | None, i
 
 
 def check_placement(device: torch.device) -> dict[str, Any]:
-    """ChunkedEngine with a device budget of half the parameters' bytes: the losses of torch AdamW on the
-    unplaced model (rel 1e-4: the host optimizer vs the device's), the arena within the budget, and on CUDA
+    """ChunkedEngine over all three tiers (a device budget of half the parameters' bytes, a host budget of two
+    states' bytes so the rest lives in a disk slot file): the losses of torch AdamW on the unplaced model
+    (rel 1e-4: the host optimizer vs the device's), the arena within the budget, bytes through every tier, and on CUDA
     ``max_memory_allocated`` at most the budget plus what the unplaced forward+backward needs beyond its
     parameters (activations, gradients in flight, workspace), below the unplaced run's peak."""
     from trainmem.offload import ChunkedEngine, PlacementConfig
@@ -148,23 +151,27 @@ def check_placement(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    engine = ChunkedEngine(build(_MODEL, 0), PlacementConfig(device_bytes=budget, optimizer="torch"), lr=_LR,
-                           weight_decay=_WD, loss_fn=lm_loss, device=device)
-    ours, arena_peak = [], 0
-    try:
-        for _ in range(_STEPS):
-            ours.append(engine.forward_backward(x, y))
-            engine.clip(_CLIP)
-            engine.optimizer_step()
-            arena_peak = max(arena_peak, engine.last_stats["arena_peak_bytes"])
-        _sync(device)
-        moved = engine.last_stats.get("moved_host_to_device_bytes", 0)
-        chunks_move = engine.arena.n_slots < engine.layout.n_chunks
-    finally:
-        engine.remove()
+    with tempfile.TemporaryDirectory(prefix="trainmem-gpu-check-") as disk:
+        cfg = PlacementConfig(device_bytes=budget, host_bytes=2 * param_bytes, disk_path=disk, disk_bytes="1GiB",
+                              optimizer="torch")
+        engine = ChunkedEngine(build(_MODEL, 0), cfg, lr=_LR, weight_decay=_WD, loss_fn=lm_loss, device=device)
+        ours, arena_peak, disk_moved = [], 0, 0
+        try:
+            for _ in range(_STEPS):
+                ours.append(engine.forward_backward(x, y))
+                engine.clip(_CLIP)
+                engine.optimizer_step()
+                arena_peak = max(arena_peak, engine.last_stats["arena_peak_bytes"])
+                disk_moved += engine.last_stats.get("moved_host_to_disk_bytes", 0)
+            _sync(device)
+            moved = engine.last_stats.get("moved_host_to_device_bytes", 0)
+            chunks_move = engine.arena.n_slots < engine.layout.n_chunks
+            homes = sorted(set(engine.plan.homes.values()))
+        finally:
+            engine.remove()
     peak = torch.cuda.max_memory_allocated(device) - base if base is not None else None
     close = all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(ours, ref))
-    ok = close and arena_peak <= budget and chunks_move and moved > 0
+    ok = close and arena_peak <= budget and chunks_move and moved > 0 and "disk" in homes and disk_moved > 0
     allowance = None
     if peak is not None:
         allowance = fwd_bwd_peak - param_bytes
@@ -172,7 +179,9 @@ def check_placement(device: torch.device) -> dict[str, Any]:
     return {"pass": ok, "figure": peak if peak is not None else arena_peak,
             "unit": "max_memory_allocated bytes (placement run)" if peak is not None else "arena peak bytes",
             "budget_bytes": budget, "non_parameter_allowance_bytes": allowance, "plain_peak_bytes": plain_peak,
-            "arena_peak_bytes": arena_peak, "moved_host_to_device_bytes": moved, "losses": ours, "plain_losses": ref}
+            "arena_peak_bytes": arena_peak, "moved_host_to_device_bytes": moved,
+            "moved_host_to_disk_bytes": disk_moved, "state_homes": homes,
+            "losses": ours, "plain_losses": ref}
 
 
 def check_snapshot_capture(device: torch.device) -> dict[str, Any]:

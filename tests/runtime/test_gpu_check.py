@@ -33,6 +33,7 @@ def test_placement_check_on_cpu():
     r = gpu_check.check_placement(CPU)
     assert r["pass"], r
     assert r["arena_peak_bytes"] <= r["budget_bytes"] and r["moved_host_to_device_bytes"] > 0
+    assert "disk" in r["state_homes"] and r["moved_host_to_disk_bytes"] > 0
     assert r["losses"] == r["plain_losses"]  # same host AdamW kernel on CPU: bitwise
 
 
