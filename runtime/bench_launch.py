@@ -94,8 +94,8 @@ def mpirun_command(n: int) -> list[str]:
 def run_first_step(job: dict, work: Path, *, launcher: str) -> dict:
     """Seconds from starting the command to the first finished step: ``launcher`` 'mpirun' (MPI starts the Ray
     cluster) or 'deepspeed' (``trainmem launch`` with ``[engine] kind = 'deepspeed'``, ZeRO stage 2)."""
-    engine = (f'[engine]\nkind = "deepspeed"\ndeepspeed_config = {{zero_optimization = {{stage = {DEEPSPEED_STAGE}}}}}\n'
-              if launcher == "deepspeed" else "")
+    zero = f"{{zero_optimization = {{stage = {DEEPSPEED_STAGE}}}}}"
+    engine = f'[engine]\nkind = "deepspeed"\ndeepspeed_config = {zero}\n' if launcher == "deepspeed" else ""
     toml = _write_job(job, work, steps=FIRST_STEP_STEPS, engine=engine)
     cmd = [sys.executable, "-m", "trainmem.launch.cli", "launch", str(toml), "--json"]
     if launcher == "mpirun":
