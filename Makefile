@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean system-deps
+.PHONY: demo test test-fast install clean system-deps gpu-check
 
 # Debian packages the code needs: libaio headers for DeepSpeed's NVMe swapper (the ZeRO-Infinity anchor of
 # `trainmem bench placement`). apt-get runs only when the header is missing; CI runs as root.
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q -m "not slow"
+
+# Every CUDA path on one GPU (< 5 min): one JSON object with pass/fail and a figure per path; "no CUDA" and exit 0
+# elsewhere. CI never runs it.
+gpu-check: $(STAMP)
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m trainmem.runtime.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -37,6 +37,8 @@ def _parser() -> Parser:
     p.add_argument("--init-memory-from", metavar="RUN_DIR_OR_STORE",
                    help="start (or continue) with the memory-layer values of a run or a served memory store")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    p.add_argument("--launcher", choices=("ray", "mpirun"), default="ray",
+                   help="ray: embedded or cluster.address; mpirun: under `mpirun -n N`, MPI starts the Ray cluster")
     return p
 
 
@@ -98,34 +100,64 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     try:
         args = _parser().parse_args(argv)
-        spec = resolve_spec(args)
-        inject = InjectedFailure.parse(args.inject_failure) if args.inject_failure else None
-        if inject and inject.rank >= spec.cluster.workers:
-            raise UsageError(f"--inject-failure: rank={inject.rank} but there are {spec.cluster.workers} workers")
+    except UsageError as e:
+        return fail(str(e))
+    if args.launcher == "mpirun":
+        from .mpirun import MpiLaunchError, launch
+
+        try:
+            return launch(lambda: _prepare(args), lambda spec, address: _run(spec, args, t0, address),
+                          lambda spec: str(spec.run_dir / "logs"), fail)
+        except MpiLaunchError as e:
+            print(f"trainmem launch: {e}", file=sys.stderr)
+            return 1
+    try:
+        spec = _prepare(args)
     except (UsageError, ConfigError, ValueError) as e:
         return fail(str(e))
+    return _run(spec, args, t0)
+
+
+def _prepare(args) -> JobSpec:
+    """The validated spec (UsageError, ConfigError or ValueError say what is wrong)."""
+    spec = resolve_spec(args)
+    args.inject = InjectedFailure.parse(args.inject_failure) if args.inject_failure else None
+    if args.inject and args.inject.rank >= spec.cluster.workers:
+        raise UsageError(f"--inject-failure: rank={args.inject.rank} but there are {spec.cluster.workers} workers")
+    if args.launcher == "mpirun" and spec.cluster.address:
+        raise UsageError(f"--launcher mpirun starts its own Ray cluster, but cluster.address={spec.cluster.address!r} "
+                         "(fix: remove cluster.address / --address, or launch without --launcher mpirun)")
     if args.init_memory_from:
         from trainmem.memory_services import plan_memory_init
 
         try:  # one call: checks the source against the model, and says at which step it applies
             spec.model.init_memory_from, spec.model.init_memory_step = plan_memory_init(args.init_memory_from, spec)
         except ValueError as e:
-            return fail(f"trainmem launch: {e}")
+            raise UsageError(f"trainmem launch: {e}") from None
     if spec.cluster.address and not trainmem.is_loopback_address(spec.cluster.address):
         if not trainmem.allow_cluster_addresses():
-            return fail(f"trainmem launch: cluster.address={spec.cluster.address!r} is another machine, which needs "
-                        "Ray's cluster mode, but RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set (fix: unset it or set it to 1)")
+            raise UsageError(f"trainmem launch: cluster.address={spec.cluster.address!r} is another machine, which "
+                             "needs Ray's cluster mode, but RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set (fix: unset it "
+                             "or set it to 1)")
+    return spec
+
+
+def _run(spec: JobSpec, args, t0: float, address: str | None = None) -> int:
+    """Run the controller (against ``address`` when a launcher started the cluster) and print the summary."""
     from trainmem.runtime.controller import Controller, JobFailed
     from trainmem.runtime.cluster import ClusterUnavailable
 
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    # Saved before the launcher's address is set: a --resume starts (or is given) its own cluster.
     atomic_write_text(spec.run_dir / SPEC_FILE, json.dumps(dataclasses.asdict(spec), indent=1))
+    if address is not None:
+        spec.cluster.address = address
     console = Console(stderr=True)
     with _progress(console, spec) as (progress, task):
         def on_progress(record: dict) -> None:
             progress.update(task, completed=record["step"], loss=record["loss"], tps=record["tokens_per_s"])
 
-        controller = Controller(spec, inject=inject, on_progress=on_progress, t0=t0, handle_sigterm=True)
+        controller = Controller(spec, inject=args.inject, on_progress=on_progress, t0=t0, handle_sigterm=True)
         try:
             result = controller.run()
         except (JobFailed, ClusterUnavailable) as e:

@@ -36,8 +36,11 @@ def draw(metrics: list[dict], events: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     t0 = metrics[0]["time"] - metrics[0]["step_time_s"]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
     panels = [("loss", "loss"), ("tokens_per_s", "tokens/s"), ("peak_mem_bytes", "peak memory (GiB)")]
+    gpu_rows = [m for m in metrics if m.get("gpus")]
+    fig, axes = plt.subplots(len(panels) + bool(gpu_rows), 1, figsize=(9, 7 + 2 * bool(gpu_rows)), sharex=True)
+    if gpu_rows:
+        _gpu_memory(axes[-1], gpu_rows, t0)
     for ax, (key, label) in zip(axes, panels):
         for attempt in sorted({m["attempt"] for m in metrics}):
             rows = [m for m in metrics if m["attempt"] == attempt]
@@ -47,9 +50,22 @@ def draw(metrics: list[dict], events: list[dict], out: Path) -> None:
         for e in events:
             if e["event"] in _MARKS:
                 ax.axvline(e["time"] - t0, color=_MARKS[e["event"]][0], linestyle="--", linewidth=1)
+    for e in events:
+        if e["event"] in _MARKS and gpu_rows:
+            axes[-1].axvline(e["time"] - t0, color=_MARKS[e["event"]][0], linestyle="--", linewidth=1)
     axes[0].legend(loc="upper right")
     axes[-1].set_xlabel("seconds since the first step began (red: failure detected, green: restored)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _gpu_memory(ax, rows: list[dict], t0: float) -> None:
+    """Rank 0's GPUs (NVML): memory used per GPU, with each GPU's total as a dotted line."""
+    for index in sorted({g["index"] for m in rows for g in m["gpus"]}):
+        points = [(m["time"] - t0, g) for m in rows for g in m["gpus"] if g["index"] == index]
+        line, = ax.plot([t for t, _ in points], [g["mem_used_bytes"] * 2**-30 for _, g in points], label=f"GPU {index}")
+        ax.axhline(points[-1][1]["mem_total_bytes"] * 2**-30, color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_ylabel("GPU memory used (GiB)")
+    ax.legend(loc="upper right")

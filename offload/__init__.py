@@ -9,7 +9,7 @@ from .activations import (ActivationConfig, ActivationPolicy, BlockProfile, Choi
                           OffloadEngine, Plan, PlanInfeasible, PlanRow, SavedBytesMeter, find_blocks, format_bytes,
                           is_splittable, peak_points, plan_blocks, plan_table, plan_text, predict_peak, recompute,
                           split_forward)
-from .params import (CHECKPOINT_FORMAT, ChunkedEngine, PlacementConfig, PlacementInfeasible, PlacementPlan,
+from .params import (CHECKPOINT_FORMAT, ChunkedEngine, PlacementConfig, extensions_dir, PlacementInfeasible, PlacementPlan,
                      operators, parse_bytes, placement_table, plan_for_module, plan_placement,
                      state_dict_from_shards)
 from .tiers import ArenaFull, CopyEngine, DeviceArena, DiskFull, DiskSlots, HostPool, HostPoolFull
@@ -18,7 +18,7 @@ __all__ = [
     "ActivationConfig", "ActivationPolicy", "ArenaFull", "BlockProfile", "CHECKPOINT_FORMAT", "Choice",
     "ChunkedEngine", "CopyEngine", "CostModel", "DeviceArena", "DiskFull", "DiskSlots", "HostPool", "HostPoolFull",
     "KeepStore", "OffloadEngine", "PlacementConfig", "PlacementInfeasible", "PlacementPlan", "Plan",
-    "PlanInfeasible", "PlanRow", "SavedBytesMeter", "find_blocks", "format_bytes", "is_splittable", "operators",
+    "PlanInfeasible", "PlanRow", "SavedBytesMeter", "extensions_dir", "find_blocks", "format_bytes", "is_splittable", "operators",
     "parse_bytes", "peak_points", "placement_table", "plan_blocks", "plan_for_module", "plan_placement", "plan_table", "plan_text",
     "predict_peak", "recompute", "split_forward", "state_dict_from_shards",
 ]

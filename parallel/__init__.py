@@ -1,5 +1,6 @@
 """trainmem.parallel: pipeline schedules with controllable memory — IR, generators, validator,
-simulator, search and a torch.distributed executor.
+simulator, search and a torch.distributed executor; and the DeepSpeed ZeRO engine adapter
+(:class:`DeepSpeedEngine`, configured by a checked DeepSpeed config).
 
 A worker (rank r of an initialized process group of size p) runs a pipelined step like this::
 
@@ -14,6 +15,8 @@ A worker (rank r of an initialized process group of size p) runs a pipelined ste
 
 from .blocks import BuildingBlock, v_block, v_half, v_min
 from .config import PipelineConfig, build_schedule, layers_per_stage_for, layout_for
+from .deepspeed_config import build_deepspeed_json, check_deepspeed_config
+from .deepspeed_engine import DeepSpeedEngine
 from .costs import LayerCost, RunCosts, layer_costs_record, profile_layers, read_run_costs
 from .executor import PipelineError, PipelineExecutor, StepStats, executable
 from .generators import gpipe, greedy, interleaved_1f1b, one_f_one_b, zb_h1, zb_h2, zb_v
@@ -30,7 +33,7 @@ from .validate import ScheduleError, validate
 __all__ = [
     "Action", "BuildingBlock", "Candidate", "Costs", "DeadlockError", "Kind", "LayerCost", "Message", "PipelineConfig",
     "PipelineError", "PipelineExecutor", "Post", "SCHEDULE_NAMES", "SavedBytesMeter", "Schedule", "ScheduleError",
-    "RunCosts", "SimResult", "StageCost", "StepStats", "add_comms", "balance_layers", "build_schedule", "comm_plan", "executable", "even_layers", "from_csv", "gpipe", "greedy",
+    "RunCosts", "SimResult", "DeepSpeedEngine", "build_deepspeed_json", "check_deepspeed_config", "StageCost", "StepStats", "add_comms", "balance_layers", "build_schedule", "comm_plan", "executable", "even_layers", "from_csv", "gpipe", "greedy",
     "interleaved_1f1b", "layer_costs_record", "layers_per_stage_for", "layout_for", "loop_placement", "make_schedule", "one_f_one_b", "order_mismatch", "order_peak",
     "pick", "placement_for", "predict", "profile_layers", "read_run_costs", "simulate", "stage_costs", "stage_layout", "to_csv", "v_block", "v_half", "v_min",
     "v_placement", "validate", "with_offload", "zb_h1", "zb_h2", "zb_v",

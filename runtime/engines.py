@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from trainmem.checkpoint.state import flatten_training_state, restore_training_state
 from trainmem.offload import ActivationConfig, ActivationPolicy, ChunkedEngine
-from trainmem.parallel import PipelineConfig, PipelineExecutor, build_schedule, layout_for
+from trainmem.parallel import DeepSpeedEngine, PipelineConfig, PipelineExecutor, build_schedule, layout_for
 
 from .grad_sync import BucketedAllReduce, sparse_grad_parameters
 from .models import GPT, lm_loss, split_into_stages
@@ -198,14 +198,18 @@ class PipelineEngine(_ModelOptimizerState):
 
 def replica_groups(spec) -> list[list[int]]:
     """Ranks that hold identical state (one snapshot per group suffices): DDP replicas form one group;
-    pipeline stages and placement shards are each their own."""
+    pipeline stages, placement shards and ZeRO partitions are each their own."""
     world = spec.cluster.workers
-    if spec.pipeline.stages > 1 or spec.placement.enabled:
+    if spec.pipeline.stages > 1 or spec.placement.enabled or spec.engine.deepspeed:
         return [[r] for r in range(world)]
     return [list(range(world))]
 
 
 def build_engine(spec, model: GPT, warmup_batch, device: torch.device, events=None) -> Engine:
+    if spec.engine.deepspeed:  # ZeRO partitions by DeepSpeed, on this rank's process group
+        t = spec.train
+        return DeepSpeedEngine(model, spec.engine.deepspeed_config, batch_size=t.batch_size, lr=t.lr,
+                               weight_decay=t.weight_decay, grad_clip=t.grad_clip, loss_fn=lm_loss, device=device)
     if spec.placement.enabled:  # parameters, gradients and optimizer state in chunks over the tiers
         return ChunkedEngine(model, spec.placement, lr=spec.train.lr, weight_decay=spec.train.weight_decay,
                              loss_fn=lm_loss, device=device, events=events)

@@ -47,6 +47,7 @@ from .failure import InjectedFailure
 from .models import build
 from .rendezvous import RendezvousListener, init_group, is_collective_failure
 from .runlog import RunLog
+from .telemetry import GpuTelemetry
 
 STOP_KEY = "trainmem/stop-after-step"
 
@@ -112,6 +113,7 @@ class Worker:
         self.callbacks: list[CheckpointCallback] = []
         self._listener: RendezvousListener | None = None
         self._state_step = 0  # the step the engine's state is at (ahead of _step_done inside a step's end)
+        self.telemetry: GpuTelemetry | None = None
         if rank is None:
             _send_output_to(Path(spec.run_dir) / "logs" / f"spare-{os.getpid()}.log",
                             f"spare worker, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -231,6 +233,8 @@ class Worker:
             policy = getattr(self.engine, "policy", None)
             if isinstance(policy, ActivationPolicy) and self.rank == 0:
                 self._event("activation_plan", attempt=self.attempt, **policy.plan_.to_dict())
+        if self.telemetry is None:
+            self.telemetry = GpuTelemetry(self._event, announce=self.rank == 0 and self.attempt == 0)
         self._close_callbacks()
         self.callbacks = self._checkpoint_callbacks(restore.get("snapshots"))
         self._enter("restore")
@@ -327,7 +331,7 @@ class Worker:
             record = {
                 "step": step, "loss": loss, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                 "peak_mem_bytes": peak, "peak_mem_kind": peak_kind, **self.engine.last_stats,
-                "attempt": self.attempt, "time": time.time(),
+                "attempt": self.attempt, "time": time.time(), **self.telemetry.sample(),
             }
             if self.snapshots is not None:
                 record["snapshots_skipped"] = self.snapshots.writer.skipped

@@ -55,11 +55,30 @@ def host_limit_bytes() -> tuple[int, str]:
     return ram, "physical RAM"
 
 
+DEVICE_AUTO_FRACTION = 0.9
+
+
+def device_total_bytes(index: int = 0) -> int:
+    """Total memory of GPU ``index`` as NVML reports it; ValueError with NVML's reason where there is none."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:
+        raise ValueError(f"device_bytes='auto' reads the GPU's total memory from NVML, which is unavailable here "
+                         f"({type(e).__name__}: {e}); fix: give a size such as '2GiB'") from None
+
+
 @dataclass(kw_only=True)
 class PlacementConfig:
     device_bytes: int | str | None = None
     """Hard budget for parameter/gradient chunks on the device (CUDA memory on a GPU; on CPU a byte-capped
-    arena that layers compute from). A size such as '2GiB' or bytes. Setting it turns chunked placement on."""
+    arena that layers compute from). A size such as '2GiB' or bytes, or 'auto': 90% of GPU 0's total memory as
+    NVML reports it. Setting it turns chunked placement on."""
     host_bytes: int | str | None = None
     """Hard budget for this rank's chunk shards and disk staging in host RAM (pinned on CUDA). Unset: what the
     plan needs without a disk tier, refused if above physical RAM or the cgroup limit."""
@@ -81,6 +100,8 @@ class PlacementConfig:
     so W ranks x K micro-batches is bitwise the same arithmetic as 1 rank x W*K micro-batches."""
 
     def __post_init__(self) -> None:
+        if self.device_bytes == "auto":
+            self.device_bytes = int(device_total_bytes() * DEVICE_AUTO_FRACTION)
         for key in ("device_bytes", "host_bytes", "disk_bytes"):
             value = getattr(self, key)
             if value is not None:
