@@ -90,17 +90,25 @@ class PipelineExecutor:
     ``loss_fn(output, target)`` is the per-microbatch mean loss; the step's loss is their mean, so
     gradients equal one unpipelined step on the concatenated batch. Gradients accumulate into the
     modules' ``.grad`` (zero them between steps as usual).
+
+    ``rank`` is the pipeline rank inside ``group`` (None: the default group). ``on_stage_done(stage)``
+    is called once per step and stage right after the stage's last weight-gradient action (its
+    last W or BW), when its gradients are complete: data parallelism starts the stage's
+    all-reduce there, under the compute of the stages still running.
     """
 
     def __init__(self, schedule: Schedule, rank: int, stages: dict[int, nn.Module],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-                 group: dist.ProcessGroup | None = None, timeout_s: float = 60.0) -> None:
+                 group: dist.ProcessGroup | None = None, timeout_s: float = 60.0,
+                 on_stage_done: Callable[[int], None] | None = None) -> None:
         schedule = executable(schedule)
         if sorted(stages) != sorted(schedule.placement[rank]):
             raise ValueError(f"stages={sorted(stages)} but schedule places stages {schedule.placement[rank]} on rank {rank}")
         self.schedule, self.rank, self.stages, self.loss_fn = schedule, rank, stages, loss_fn
         self.group, self.timeout = group, _dt.timedelta(seconds=timeout_s)
         self.actions = schedule.ranks[rank]
+        self.on_stage_done = on_stage_done
+        self._last_weight_action = {a.stage: i for i, a in enumerate(self.actions) if a.kind in (Kind.W, Kind.BW)}
         self._posts: dict[int, Post] = {post.index: post for post in comm_plan(schedule)[rank]}
         self.last = schedule.n_stages - 1
         self.ledger = Ledger()
@@ -127,6 +135,8 @@ class PipelineExecutor:
                 raise
             except Exception as exc:
                 raise PipelineError(f"rank {self.rank} action #{i} {a}: {type(exc).__name__}: {exc}") from exc
+            if self.on_stage_done is not None and self._last_weight_action.get(a.stage) == i:
+                self.on_stage_done(a.stage)
             io.reap()
         io.drain()
         leftover = [s.name for s in st.stashes.values() if s.tensors or s.offloaded] + io.leftover()

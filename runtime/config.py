@@ -147,10 +147,11 @@ class JobSpec:
     """[placement] parameters, gradients and optimizer state in chunks over device, host and disk."""
 
     def __post_init__(self) -> None:
-        if self.pipeline.stages > 1 and self.pipeline.stages != self.cluster.workers:
+        if self.pipeline.stages > 1 and self.cluster.workers % self.pipeline.stages:
             raise ValueError(
-                f"pipeline.stages={self.pipeline.stages} must equal cluster.workers={self.cluster.workers} "
-                "(one pipeline rank per worker)"
+                f"pipeline.stages={self.pipeline.stages} must divide cluster.workers={self.cluster.workers} "
+                f"(workers = stages x data-parallel replicas; e.g. workers = {self.pipeline.stages} or "
+                f"{2 * self.pipeline.stages})"
             )
         if self.pipeline.stages > 1 and self.memory.activations in ("offload", "auto"):
             raise ValueError(

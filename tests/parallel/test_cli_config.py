@@ -79,3 +79,16 @@ def test_config_builds_schedule_and_layout():
     assert stage_layout("1f1b", 3, 7) == [[(0, 2)], [(1, 3)], [(2, 2)]]
     with pytest.raises(ValueError, match="layers_per_stage"):
         stage_layout("1f1b", 2, 4, layers_per_stage=[1, 1])
+
+
+def test_mesh_groups_are_pipeline_major_and_cover_every_rank_once():
+    from trainmem.parallel import mesh_groups
+
+    pipelines, data = mesh_groups(3, 2)
+    assert pipelines == [[0, 2, 4], [1, 3, 5]] and data == [[0, 1], [2, 3], [4, 5]]
+    for p, d in [(1, 1), (2, 2), (4, 3), (8, 2)]:
+        pipes, groups = mesh_groups(p, d)
+        assert sorted(r for g in pipes for r in g) == list(range(p * d)) == sorted(r for g in groups for r in g)
+        assert all(pipes[r % d][r // d] == r and r in groups[r // d] for r in range(p * d))
+    with pytest.raises(ValueError, match="replicas=0"):
+        mesh_groups(2, 0)
