@@ -20,7 +20,7 @@ from .generators import gpipe, greedy, interleaved_1f1b, one_f_one_b, zb_h1, zb_
 from .comms import Message, Post, add_comms, comm_plan, order_mismatch
 from .ir import Action, DeadlockError, Kind, Schedule, from_csv, loop_placement, to_csv, v_placement
 from .mesh import PipelineMesh, mesh_groups
-from .offload_pass import with_offload
+from .offload_pass import lifespans, selective_offload, with_offload
 from .schedules import SCHEDULE_NAMES, even_layers, make_schedule, placement_for, stage_layout
 from .search import Candidate, pick
 from .simulate import Costs, SimResult, StageCost, order_peak, simulate
@@ -32,7 +32,7 @@ __all__ = [
     "Action", "BuildingBlock", "Candidate", "Costs", "DeadlockError", "Kind", "LayerCost", "Message", "PipelineConfig",
     "PipelineError", "PipelineExecutor", "PipelineMesh", "Post", "SCHEDULE_NAMES", "SavedBytesMeter", "Schedule", "ScheduleError",
     "RunCosts", "SimResult", "StageCost", "StepStats", "add_comms", "balance_layers", "build_schedule", "comm_plan", "executable", "even_layers", "from_csv", "gpipe", "greedy",
-    "interleaved_1f1b", "layer_costs_record", "layers_per_stage_for", "layout_for", "loop_placement", "make_schedule", "mesh_groups", "one_f_one_b", "order_mismatch", "order_peak",
-    "pick", "placement_for", "predict", "profile_layers", "read_run_costs", "simulate", "stage_costs", "stage_layout", "to_csv", "v_block", "v_half", "v_min",
+    "interleaved_1f1b", "layer_costs_record", "lifespans", "layers_per_stage_for", "layout_for", "loop_placement", "make_schedule", "mesh_groups", "one_f_one_b", "order_mismatch", "order_peak",
+    "pick", "placement_for", "predict", "profile_layers", "read_run_costs", "selective_offload", "simulate", "stage_costs", "stage_layout", "to_csv", "v_block", "v_half", "v_min",
     "v_placement", "validate", "with_offload", "zb_h1", "zb_h2", "zb_v",
 ]

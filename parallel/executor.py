@@ -24,9 +24,11 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from .comms import Post, add_comms, comm_plan, has_comms
+from trainmem.offload import CopyEngine
+
 from .ir import Action, DeadlockError, Kind, Schedule
 from .split_backward import SplitBackward
-from .stash import HostPool, Ledger, Stash
+from .stash import Ledger, Stash, StashSlots, offload_slots
 from .transfers import Transfers
 from .validate import ScheduleError, validate
 
@@ -100,7 +102,7 @@ class PipelineExecutor:
     def __init__(self, schedule: Schedule, rank: int, stages: dict[int, nn.Module],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                  group: dist.ProcessGroup | None = None, timeout_s: float = 60.0,
-                 on_stage_done: Callable[[int], None] | None = None) -> None:
+                 on_stage_done: Callable[[int], None] | None = None, copier: CopyEngine | None = None) -> None:
         schedule = executable(schedule)
         if sorted(stages) != sorted(schedule.placement[rank]):
             raise ValueError(f"stages={sorted(stages)} but schedule places stages {schedule.placement[rank]} on rank {rank}")
@@ -112,7 +114,11 @@ class PipelineExecutor:
         self._posts: dict[int, Post] = {post.index: post for post in comm_plan(schedule)[rank]}
         self.last = schedule.n_stages - 1
         self.ledger = Ledger()
-        self.pool = HostPool()
+        device = next(iter(next(iter(stages.values())).parameters())).device
+        self.copier = copier if copier is not None else CopyEngine(device)
+        """Moves offloaded stashes (shared with the activation policy when the engine passes its own)."""
+        self.slots = StashSlots(offload_slots(self.actions), pin=device.type == "cuda")
+        self._settling: list[Stash] = []
         self._shapes: dict[tuple[Kind, int, int], tuple[torch.Size, torch.dtype]] = {}
         self._param_ptrs = {p.untyped_storage().data_ptr() for mod in stages.values() for p in mod.parameters()}
         self._st = _Step()
@@ -139,6 +145,7 @@ class PipelineExecutor:
                 self.on_stage_done(a.stage)
             io.reap()
         io.drain()
+        self._settle()
         leftover = [s.name for s in st.stashes.values() if s.tensors or s.offloaded] + io.leftover()
         if leftover:
             raise PipelineError(f"rank {self.rank}: {leftover} still held after the step (the schedule lacks their W/BW, send or consumer)")
@@ -164,10 +171,21 @@ class PipelineExecutor:
         elif k in (Kind.RECV_F, Kind.RECV_B):
             self._post_recv(a, self._posts[i])
         elif k is Kind.OFFLOAD:
-            self._st.stashes[(a.stage, a.mb)].offload(self.pool)
+            stash = self._st.stashes[(a.stage, a.mb)]
+            stash.offload(self.slots, self.copier)
+            self._settling.append(stash)
         elif k is Kind.RELOAD:
-            self._st.stashes[(a.stage, a.mb)].reload(self.pool)
+            self._settle()
+            self._st.stashes[(a.stage, a.mb)].reload(self.copier)
             self._sample_mb()
+
+    def _settle(self) -> None:
+        """Let go of the device bytes of every offload in flight once its copy has landed: before
+        anything allocates (F, RELOAD), so an offloaded stash never shares the device with a new one."""
+        for stash in self._settling:
+            x = self._st.inputs.get((stash.stage, stash.mb))
+            stash.settle(free={x.untyped_storage().data_ptr()} if x is not None else set())
+        self._settling = []
 
     def _sample_mb(self) -> None:
         """Bytes each stage's stashes hold now, in units of one microbatch's stash of that stage."""
@@ -179,6 +197,7 @@ class PipelineExecutor:
         return self.schedule.rank_of(stage) != self.rank
 
     def _forward(self, a: Action, mbs) -> None:
+        self._settle()
         st = self._st
         key = (a.stage, a.mb)
         if a.stage == 0:
@@ -191,7 +210,7 @@ class PipelineExecutor:
             else:  # previous stage ran on this rank: hand off locally
                 x = self._io.hand_over(("out", a.stage - 1, a.mb)).detach()
             st.inputs[key] = x = x.requires_grad_(x.is_floating_point())
-        stash = Stash(self.ledger, f"{a.stage}:{a.mb}", owner=a.stage)
+        stash = Stash(self.ledger, a.stage, a.mb)
         st.stashes[key] = stash
 
         def pack(t: torch.Tensor):
@@ -202,7 +221,7 @@ class PipelineExecutor:
 
         def unpack(h):
             owner, val = h
-            return val if owner is None else owner.get(val)
+            return val if owner is None else owner.get(val, self.copier)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             out = self.stages[a.stage](x)
@@ -239,7 +258,7 @@ class PipelineExecutor:
             torch.autograd.backward(st.roots[key], self._grad_out(a), inputs=targets)
             if want_input:
                 self._give_input_grad(a, x.grad)
-        st.stashes[key].release(self.pool)
+        st.stashes[key].release()
         st.roots.pop(key)
         st.inputs.pop(key, None)
 
