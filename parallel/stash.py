@@ -50,6 +50,24 @@ def offload_slots(actions: list[Action]) -> dict[int, int]:
     return peak
 
 
+def measure_copy_bandwidth(copier: CopyEngine, nbytes: int, *, trips: int = 3) -> float:
+    """Device -> host bytes per second of ``copier`` (best of ``trips``) on a buffer of ``nbytes``
+    (at least 1 MiB), the way an OFFLOAD moves a stash: into a pinned host buffer on CUDA."""
+    import time
+
+    nbytes = max(int(nbytes), 1 << 20)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=copier.device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=copier.cuda)
+    dst.copy_(src)  # first touch of the destination pages is not bandwidth
+    best = float("inf")
+    for _ in range(trips):
+        copier.synchronize()
+        t0 = time.perf_counter()
+        copier.copy(dst, src, "device", "host", what="bandwidth probe").wait()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / max(best, 1e-9)
+
+
 class StashSlots:
     """Host slots for offloaded stashes, keyed by (stage, microbatch).
 
