@@ -89,6 +89,32 @@ def build_schedule(cfg: PipelineConfig, stage_costs: Sequence[StageCost] | None 
     return sched
 
 
+def build_measured_schedule(cfg: PipelineConfig, layers, step, *, layers_per_stage: Sequence[int],
+                            exclude=(), profile_steps: int = 1) -> tuple[Schedule, dict]:
+    """``build_schedule(cfg)``, with "selective" offload chosen from costs measured now: the per-layer
+    times and bytes of one microbatch (``layers`` as :func:`profile_layers` takes them, ``step()`` its
+    loss) and the copy engine's device->host bandwidth on a buffer the size of the largest stash.
+    Returns the schedule and what was measured (for the run's events)."""
+    if cfg.offload != "selective":
+        return build_schedule(cfg), {}
+    from trainmem.offload import CopyEngine
+
+    from .costs import profile_layers
+    from .split import stage_costs
+    from .stash import measure_copy_bandwidth
+
+    costs = profile_layers(layers, step, exclude=exclude, steps=profile_steps)
+    device = next((p.device for _, mod in layers for p in mod.parameters()), "cpu")
+    copier = CopyEngine(device)
+    try:
+        bandwidth = measure_copy_bandwidth(copier, max(c.saved_bytes for c in stage_costs(costs, layers_per_stage)))
+    finally:
+        copier.close()
+    sched = build_schedule(cfg, stage_costs(costs, layers_per_stage, bandwidth), copy_bytes_per_s=bandwidth)
+    offloaded = sum(a.kind.name == "OFFLOAD" for acts in sched.ranks for a in acts)
+    return sched, {"copy_bytes_per_s": bandwidth, "offloaded_stashes": offloaded}
+
+
 def layers_per_stage_for(cfg: PipelineConfig, n_layer: int, layer_costs: Sequence[LayerCost] | None = None) -> list[int] | None:
     """Blocks per global stage as ``cfg`` asks (None = even); "auto" needs ``layer_costs``
     (embedding, n_layer blocks, head, as ``profile_layers`` measures them)."""

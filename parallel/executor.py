@@ -97,19 +97,24 @@ class PipelineExecutor:
     is called once per step and stage right after the stage's last weight-gradient action (its
     last W or BW), when its gradients are complete: data parallelism starts the stage's
     all-reduce there, under the compute of the stages still running.
+
+    ``stash_hooks`` (a :class:`~trainmem.parallel.activations.PipelinePolicy`): its
+    ``begin_forward(stage, mb)`` runs before each F and ``end_backward(stage, mb)`` after each
+    (stage, mb)'s last backward, once its graph is gone (the activation policy's host carves).
     """
 
     def __init__(self, schedule: Schedule, rank: int, stages: dict[int, nn.Module],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                  group: dist.ProcessGroup | None = None, timeout_s: float = 60.0,
-                 on_stage_done: Callable[[int], None] | None = None, copier: CopyEngine | None = None) -> None:
+                 on_stage_done: Callable[[int], None] | None = None, copier: CopyEngine | None = None,
+                 stash_hooks=None) -> None:
         schedule = executable(schedule)
         if sorted(stages) != sorted(schedule.placement[rank]):
             raise ValueError(f"stages={sorted(stages)} but schedule places stages {schedule.placement[rank]} on rank {rank}")
         self.schedule, self.rank, self.stages, self.loss_fn = schedule, rank, stages, loss_fn
         self.group, self.timeout = group, _dt.timedelta(seconds=timeout_s)
         self.actions = schedule.ranks[rank]
-        self.on_stage_done = on_stage_done
+        self.on_stage_done, self.stash_hooks = on_stage_done, stash_hooks
         self._last_weight_action = {a.stage: i for i, a in enumerate(self.actions) if a.kind in (Kind.W, Kind.BW)}
         self._posts: dict[int, Post] = {post.index: post for post in comm_plan(schedule)[rank]}
         self.last = schedule.n_stages - 1
@@ -212,6 +217,8 @@ class PipelineExecutor:
             st.inputs[key] = x = x.requires_grad_(x.is_floating_point())
         stash = Stash(self.ledger, a.stage, a.mb)
         st.stashes[key] = stash
+        if self.stash_hooks is not None:
+            self.stash_hooks.begin_forward(a.stage, a.mb)
 
         def pack(t: torch.Tensor):
             ptr = t.untyped_storage().data_ptr()
@@ -261,6 +268,8 @@ class PipelineExecutor:
         st.stashes[key].release()
         st.roots.pop(key)
         st.inputs.pop(key, None)
+        if self.stash_hooks is not None:
+            self.stash_hooks.end_backward(a.stage, a.mb)
 
     def _grad_out(self, a: Action) -> torch.Tensor | None:
         """The gradient of this stage's output (None on the last stage, whose root is the loss)."""

@@ -153,10 +153,11 @@ class JobSpec:
                 f"(workers = stages x data-parallel replicas; e.g. workers = {self.pipeline.stages} or "
                 f"{2 * self.pipeline.stages})"
             )
-        if self.pipeline.stages > 1 and self.memory.activations in ("offload", "auto"):
+        if self.pipeline.stages > 1 and self.memory.activations != "none" and self.pipeline.offload != "none":
             raise ValueError(
-                f"memory.activations={self.memory.activations!r} cannot run inside a pipeline schedule yet (its host "
-                "pool holds one microbatch in flight); use memory.activations='recompute' or pipeline.offload=true"
+                f"memory.activations={self.memory.activations!r} cannot combine with pipeline.offload="
+                f"{self.pipeline.offload!r}: both would move the same blocks' activations (fix: pick one, e.g. "
+                "memory.activations='auto' with a budget, or pipeline.offload='selective' with activations='none')"
             )
         if self.pipeline.stages > 1 and self.train.batch_size % self.pipeline.microbatches:
             raise ValueError(

@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from trainmem.checkpoint.state import flatten_training_state, restore_training_state
 from trainmem.offload import ActivationConfig, ActivationPolicy, ChunkedEngine
-from trainmem.parallel import PipelineConfig, PipelineExecutor, PipelineMesh, build_schedule, layout_for, mesh_groups
+from trainmem.parallel import (PipelineConfig, PipelineExecutor, PipelineMesh, PipelinePolicy, build_measured_schedule,
+                               build_schedule, layout_for,
+                               mesh_groups)
 
 from .grad_sync import BucketedAllReduce, sparse_grad_parameters
 from .models import GPT, lm_loss, split_into_stages
@@ -145,9 +147,10 @@ class PipelineEngine(_ModelOptimizerState):
     (fixed buckets, the same order on every replica); clipping sums the norm over the pipeline.
     """
 
-    def __init__(self, model: GPT, cfg: PipelineConfig, policy: ActivationPolicy | None, train_cfg, *,
-                 replicas: int = 1, timeout_s: float = 60.0):
-        self.model, self.cfg, self.policy = model, cfg, policy
+    def __init__(self, model: GPT, cfg: PipelineConfig, memory: ActivationConfig, train_cfg, *,
+                 warmup_batch: tuple[torch.Tensor, torch.Tensor] | None = None, replicas: int = 1,
+                 timeout_s: float = 60.0):
+        self.model, self.cfg = model, cfg
         self.replicas, self.timeout_s = replicas, timeout_s
         self.mesh = PipelineMesh.build(cfg.stages, replicas, timeout_s=timeout_s)
         self.replica_group_key = f"pipeline-stage-rank-{self.mesh.pipeline_rank}"
@@ -162,7 +165,45 @@ class PipelineEngine(_ModelOptimizerState):
                     self.owner_of[id(p)] = r
         self.optimizer = build_optimizer(model, self._mine(), train_cfg)
         self.last_stats: dict[str, Any] = {}
+        self.schedule, self.measured = self._measured_schedule(layout, warmup_batch)
+        self.policy = self._plan_policy(memory, warmup_batch) if memory.activations != "none" else None
         self._group_state()
+
+    def _measured_schedule(self, layout, warmup_batch):
+        """The schedule; with pipeline.offload = "selective", the stashes to offload chosen from this
+        rank's measurements at start (layer costs of one microbatch and the copy bandwidth). Ranks may
+        choose differently: offloads never change anyone's sends and receives."""
+        if self.cfg.offload != "selective":
+            return build_schedule(self.cfg), {}
+        if warmup_batch is None:
+            raise ValueError("pipeline.offload='selective' needs a warm-up batch to measure costs at start")
+        x, y = (t[: t.shape[0] // self.cfg.microbatches] for t in warmup_batch)
+        model = self.model
+        layers = [("embed", model.embed)] + [(f"block{i}", b) for i, b in enumerate(model.blocks)] + [("head", model.head)]
+        counts = {s: n for owned in layout for s, n in owned}
+        with torch.random.fork_rng(devices=[]):
+            out = build_measured_schedule(self.cfg, layers, lambda: lm_loss(model(x), y), exclude=[x, y],
+                                          layers_per_stage=[counts[s] for s in sorted(counts)])
+        model.zero_grad(set_to_none=True)
+        return out
+
+    def _plan_policy(self, memory: ActivationConfig, warmup_batch) -> PipelinePolicy:
+        """The activation policy over this rank's blocks, planned for its schedule's microbatches in
+        flight from one warm-up microbatch through the whole model (every rank holds all of it)."""
+        if warmup_batch is None:
+            raise ValueError(f"memory.activations={memory.activations!r} in a pipeline needs a warm-up batch")
+        x, y = (t[: t.shape[0] // self.cfg.microbatches] for t in warmup_batch)
+        mine = {id(m) for mod in self.owned.values() for m in mod}
+        blocks = [b for b in self.model.blocks if id(b) in mine]
+
+        def warmup() -> None:
+            with torch.random.fork_rng(devices=[]):  # the warm-up must not move the RNG the steps draw from
+                lm_loss(self.model(x), y).backward()
+
+        policy = PipelinePolicy.plan(memory, blocks, self.schedule.ranks[self.mesh.pipeline_rank],
+                                     warmup, rank=self.mesh.pipeline_rank)
+        self.model.zero_grad(set_to_none=True)
+        return policy
 
     def _group_state(self) -> None:
         """What belongs to one process group: the executor (posted p2p, stashes) and the reducers."""
@@ -170,9 +211,9 @@ class PipelineEngine(_ModelOptimizerState):
         self.reducers = {s: BucketedAllReduce(list(mod.parameters()), sparse=sparse_grad_parameters(mod),
                                               group=mesh.data_group, timeout_s=self.timeout_s, hooks=False)
                          for s, mod in sorted(self.owned.items())} if self.replicas > 1 else {}
-        self.executor = PipelineExecutor(build_schedule(self.cfg), mesh.pipeline_rank, self.owned, lm_loss,
+        self.executor = PipelineExecutor(self.schedule, mesh.pipeline_rank, self.owned, lm_loss,
                                          group=mesh.pipeline_group, timeout_s=self.cfg.timeout_s,
-                                         on_stage_done=self._stage_done)
+                                         on_stage_done=self._stage_done, stash_hooks=self.policy)
 
     def on_new_group(self) -> None:
         """Posted sends/receives, stashes and the mesh's groups belong to the old process group."""
@@ -203,6 +244,8 @@ class PipelineEngine(_ModelOptimizerState):
         for stage in sorted(self.reducers):  # the same order on every replica
             self.reducers[stage].finish()
         self.last_stats = {"peak_saved_bytes": stats.peak_bytes, "peak_mb": stats.peak_mb}
+        if self.policy is not None:  # the blocks' saved bytes are the policy's; the stashes hold the rest
+            self.last_stats = {**self.policy.last_stats, "peak_stash_bytes": stats.peak_bytes}
         return self._mean_over_replicas(stats.loss)
 
     def _mean_over_replicas(self, loss: float) -> float:
@@ -251,9 +294,9 @@ def build_engine(spec, model: GPT, warmup_batch, device: torch.device, events=No
     if spec.placement.enabled:  # parameters, gradients and optimizer state in chunks over the tiers
         return ChunkedEngine(model, spec.placement, lr=spec.train.lr, weight_decay=spec.train.weight_decay,
                              loss_fn=lm_loss, device=device, events=events)
-    policy = build_policy(spec.memory, model, warmup_batch) if spec.memory.activations != "none" else None
     if spec.pipeline.stages > 1:
-        return PipelineEngine(model, spec.pipeline, policy, spec.train,
+        return PipelineEngine(model, spec.pipeline, spec.memory, spec.train, warmup_batch=warmup_batch,
                               replicas=spec.cluster.workers // spec.pipeline.stages,
                               timeout_s=spec.cluster.collective_timeout_s)
+    policy = build_policy(spec.memory, model, warmup_batch) if spec.memory.activations != "none" else None
     return DataParallelEngine(model, policy, spec.train, spec.cluster.collective_timeout_s)

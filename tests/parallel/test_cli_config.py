@@ -92,3 +92,19 @@ def test_mesh_groups_are_pipeline_major_and_cover_every_rank_once():
         assert all(pipes[r % d][r // d] == r and r in groups[r // d] for r in range(p * d))
     with pytest.raises(ValueError, match="replicas=0"):
         mesh_groups(2, 0)
+
+
+def test_job_spec_takes_the_activation_policy_inside_a_pipeline_but_not_beside_pipeline_offload():
+    from trainmem.offload import ActivationConfig
+    from trainmem.runtime.config import ClusterConfig, JobSpec, TrainConfig
+
+    pipe = dict(schedule="1f1b", stages=2, microbatches=4)
+    cluster, train = ClusterConfig(workers=2), TrainConfig(batch_size=8)
+    for mode, budget in [("auto", 0.5), ("offload", None), ("recompute", None)]:
+        spec = JobSpec(memory=ActivationConfig(activations=mode, activation_budget=budget),
+                       pipeline=PipelineConfig(**pipe), cluster=cluster, train=train)
+        assert spec.memory.activations == mode
+    with pytest.raises(ValueError) as err:
+        JobSpec(memory=ActivationConfig(activations="auto", activation_budget=0.5),
+                pipeline=PipelineConfig(**pipe, offload="selective"), cluster=cluster, train=train)
+    assert str(err.value).startswith("memory.activations='auto' cannot combine with pipeline.offload='selective'")
