@@ -108,3 +108,14 @@ def test_job_spec_takes_the_activation_policy_inside_a_pipeline_but_not_beside_p
         JobSpec(memory=ActivationConfig(activations="auto", activation_budget=0.5),
                 pipeline=PipelineConfig(**pipe, offload="selective"), cluster=cluster, train=train)
     assert str(err.value).startswith("memory.activations='auto' cannot combine with pipeline.offload='selective'")
+
+
+def test_a_replica_group_is_the_data_parallel_ranks_of_one_stage():
+    from trainmem.runtime.config import ClusterConfig, JobSpec, TrainConfig
+    from trainmem.runtime.engines import replica_groups
+
+    for stages, workers, groups in [(2, 4, [[0, 1], [2, 3]]), (2, 2, [[0], [1]]), (3, 6, [[0, 1], [2, 3], [4, 5]])]:
+        spec = JobSpec(pipeline=PipelineConfig(schedule="1f1b", stages=stages, microbatches=stages),
+                       cluster=ClusterConfig(workers=workers), train=TrainConfig(batch_size=6 * stages))
+        assert replica_groups(spec) == groups
+    assert replica_groups(JobSpec(cluster=ClusterConfig(workers=3))) == [[0, 1, 2]]
