@@ -3,8 +3,9 @@ rank's stages, planned for the microbatches the rank's schedule holds at once.
 
 A rank of a pipeline keeps up to ``k`` microbatches' saved activations alive together (1F1B's first
 rank: p), where the unpipelined policy plans for one. The warm-up measures one microbatch's blocks;
-the planner then meets ``budget / k`` per microbatch, so that k microbatches, each at most its
-predicted peak, stay within the rank's budget (a fraction budget is of k times the measured
+the planner then meets ``budget / k`` per microbatch (less the stage inputs, which the executor
+keeps on the device whatever the blocks do), so that k microbatches, each at most its predicted
+peak, stay within the rank's budget (a fraction budget is of k times the measured
 no-policy peak, the rank's peak without a policy). Offloaded blocks need a host region per
 microbatch in flight: the host pool is allocated once, k carves of one microbatch's need, and
 each (stage, microbatch) takes a carve at its forward and gives it back, rewound, after its
@@ -12,7 +13,7 @@ backward (W or BW) has let go of the graph.
 
 Worker::
 
-    pp = PipelinePolicy.plan(cfg, owned_blocks, executor_actions, warmup_step)
+    pp = PipelinePolicy.plan(cfg, {stage: its_blocks, ...}, rank_actions, warmup_step)
     ex = PipelineExecutor(..., stash_hooks=pp)
     with pp.step():
         ex.step(microbatches)
@@ -55,13 +56,23 @@ class PipelinePolicy:
             self._free = [policy.pool.carve(carve_bytes, what=f"microbatch carve {i}") for i in range(k)]
 
     @classmethod
-    def plan(cls, cfg: ActivationConfig, blocks: Sequence[nn.Module], actions: Sequence[Action],
+    def plan(cls, cfg: ActivationConfig, stage_blocks: dict[int, Sequence[nn.Module]], actions: Sequence[Action],
              warmup: Callable[[], object], *, rank: int = 0) -> "PipelinePolicy":
         """Measure ``warmup`` (one microbatch through the model, forward and backward), plan this
-        rank's ``blocks`` for its schedule ``actions``. Raises PlanInfeasible naming the rank."""
+        rank's blocks (``stage_blocks``: per stage it runs, its blocks in order) for its schedule
+        ``actions``. Raises PlanInfeasible naming the rank."""
+        order = sorted(s for s, b in stage_blocks.items() if b)
+        blocks = [b for s in order for b in stage_blocks[s]]
         policy = ActivationPolicy(cfg, blocks)
         profiles, peak, step_s, bandwidth = policy.measure(warmup)
         policy.profiles = profiles
+        # a stage's input (stage > 0) stays on the device until its backward (the executor keeps it
+        # for the input gradient): offloading or recomputing the first block cannot free it
+        first, resident = 0, 0
+        for s in order:
+            if s > 0:
+                resident += profiles[first].input_bytes
+            first += len(stage_blocks[s])
         k = in_flight(actions)
         cuda = any(p.is_cuda for b in blocks for p in b.parameters())
         cost = CostModel(bandwidth=bandwidth, cuda=cuda)
@@ -69,7 +80,8 @@ class PipelinePolicy:
         capacity = max(0, policy.host_capacity() // k - pad)
         budget = cfg.budget_bytes(k * peak)
         try:
-            choices = plan_blocks(profiles, mode=cfg.activations, budget=None if budget is None else budget // k,
+            per_mb = None if budget is None else max(0, budget // k - resident)
+            choices = plan_blocks(profiles, mode=cfg.activations, budget=per_mb,
                                   host_capacity=capacity, cost=cost, alpha=cfg.alpha, alpha_steps=cfg.alpha_steps)
         except PlanInfeasible as exc:
             raise PlanInfeasible(f"pipeline rank {rank} holds {k} microbatches at once: {exc}",
@@ -77,7 +89,7 @@ class PipelinePolicy:
         plan = build_plan(profiles, choices, mode=cfg.activations, budget=budget, no_policy_peak=k * peak,
                           cost=cost, host_capacity=k * capacity, baseline_step_s=step_s)
         per_mb_host = plan.host_bytes
-        plan.predicted_peak *= k  # each of k microbatches at most its own predicted peak
+        plan.predicted_peak = k * (plan.predicted_peak + resident)  # each of k microbatches at most its own
         plan.host_bytes *= k
         plan.notes.append(f"pipeline rank {rank}: planned for {k} microbatches in flight (budget / {k} each)")
         carve = per_mb_host + pad

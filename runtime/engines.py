@@ -193,14 +193,14 @@ class PipelineEngine(_ModelOptimizerState):
         if warmup_batch is None:
             raise ValueError(f"memory.activations={memory.activations!r} in a pipeline needs a warm-up batch")
         x, y = (t[: t.shape[0] // self.cfg.microbatches] for t in warmup_batch)
-        mine = {id(m) for mod in self.owned.values() for m in mod}
-        blocks = [b for b in self.model.blocks if id(b) in mine]
+        block_ids = {id(b) for b in self.model.blocks}
+        stage_blocks = {s: [m for m in mod if id(m) in block_ids] for s, mod in self.owned.items()}
 
         def warmup() -> None:
             with torch.random.fork_rng(devices=[]):  # the warm-up must not move the RNG the steps draw from
                 lm_loss(self.model(x), y).backward()
 
-        policy = PipelinePolicy.plan(memory, blocks, self.schedule.ranks[self.mesh.pipeline_rank],
+        policy = PipelinePolicy.plan(memory, stage_blocks, self.schedule.ranks[self.mesh.pipeline_rank],
                                      warmup, rank=self.mesh.pipeline_rank)
         self.model.zero_grad(set_to_none=True)
         return policy
