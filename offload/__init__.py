@@ -6,7 +6,8 @@ between them; the ``[memory]`` activation policy, its planner, plan table and me
 """
 
 from .activations import (ActivationConfig, ActivationPolicy, BlockProfile, Choice, CostModel, KeepStore,
-                          OffloadEngine, Plan, PlanInfeasible, PlanRow, SavedBytesMeter, find_blocks, format_bytes,
+                          OffloadEngine, Plan, PlanInfeasible, PlanRow, SavedBytesMeter, build_plan, find_blocks,
+                          format_bytes,
                           is_splittable, peak_points, plan_blocks, plan_table, plan_text, predict_peak, recompute,
                           split_forward)
 from .params import (CHECKPOINT_FORMAT, ChunkedEngine, PlacementConfig, extensions_dir, PlacementInfeasible, PlacementPlan,
@@ -18,7 +19,7 @@ __all__ = [
     "ActivationConfig", "ActivationPolicy", "ArenaFull", "BlockProfile", "CHECKPOINT_FORMAT", "Choice",
     "ChunkedEngine", "CopyEngine", "CostModel", "DeviceArena", "DiskFull", "DiskSlots", "HostPool", "HostPoolFull",
     "KeepStore", "OffloadEngine", "PlacementConfig", "PlacementInfeasible", "PlacementPlan", "Plan",
-    "PlanInfeasible", "PlanRow", "SavedBytesMeter", "extensions_dir", "find_blocks", "format_bytes", "is_splittable", "operators",
+    "PlanInfeasible", "PlanRow", "SavedBytesMeter", "build_plan", "extensions_dir", "find_blocks", "format_bytes", "is_splittable", "operators",
     "parse_bytes", "peak_points", "placement_table", "plan_blocks", "plan_for_module", "plan_placement", "plan_table", "plan_text",
     "predict_peak", "recompute", "split_forward", "state_dict_from_shards",
 ]

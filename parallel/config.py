@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 from .costs import LayerCost
 from .ir import Schedule
-from .offload_pass import with_offload
+from .offload_pass import selective_offload, with_offload
 from .schedules import SCHEDULE_NAMES, canonical, make_schedule, natural_chunks, stage_layout
+from .simulate import StageCost
 from .split import balance_layers
 
 SPLITS = ("even", "auto")
+OFFLOADS = ("none", "all", "selective")
 
 
 @dataclass(kw_only=True)
@@ -30,8 +32,11 @@ class PipelineConfig:
     """How blocks go to stages when layers_per_stage is empty: "even" (as even as possible) or
     "auto" (balanced from the model's measured per-layer forward/backward times and saved bytes,
     embedding and head included; the job measures them at start and records them)."""
-    offload: bool = False
-    """Offload each stash to host memory after its forward and reload it before its backward."""
+    offload: str | bool = "none"
+    """Stashes to host memory between their forward and backward (PipeOffload): "none"; "all" (every
+    stash with compute between its F and its backward); "selective" (only those whose lifespan covers
+    the copy there and back, from per-layer costs and the copy bandwidth measured at start).
+    true/false mean "all"/"none"."""
     timeout_s: float = 60.0
     """Longest wait for one send/recv before the step fails naming rank, action and peer."""
 
@@ -58,6 +63,10 @@ class PipelineConfig:
             raise ValueError(f"split={self.split!r} must be one of {', '.join(SPLITS)}")
         if self.split == "auto" and self.layers_per_stage:
             raise ValueError(f"split='auto' and layers_per_stage={self.layers_per_stage} are both set; keep one")
+        if isinstance(self.offload, bool):
+            self.offload = "all" if self.offload else "none"
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"offload={self.offload!r} must be one of {', '.join(OFFLOADS)} (or true/false)")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s} must be > 0")
 
@@ -66,10 +75,44 @@ class PipelineConfig:
         return self.chunks or natural_chunks(self.schedule)
 
 
-def build_schedule(cfg: PipelineConfig) -> Schedule:
-    """The schedule ``cfg`` names (with OFFLOAD/RELOAD when ``cfg.offload``)."""
+def build_schedule(cfg: PipelineConfig, stage_costs: Sequence[StageCost] | None = None,
+                   copy_bytes_per_s: float | None = None) -> Schedule:
+    """The schedule ``cfg`` names, with OFFLOAD/RELOAD as ``cfg.offload`` says ("selective" needs
+    the measured ``stage_costs`` and ``copy_bytes_per_s``)."""
     sched = make_schedule(cfg.schedule, cfg.stages, cfg.microbatches, cfg.v)
-    return with_offload(sched) if cfg.offload else sched
+    if cfg.offload == "all":
+        return with_offload(sched)
+    if cfg.offload == "selective":
+        if stage_costs is None or not copy_bytes_per_s:
+            raise ValueError("pipeline.offload='selective' needs measured stage costs and the copy bandwidth; none were given")
+        return selective_offload(sched, stage_costs, copy_bytes_per_s=copy_bytes_per_s)
+    return sched
+
+
+def build_measured_schedule(cfg: PipelineConfig, layers, step, *, layers_per_stage: Sequence[int],
+                            exclude=(), profile_steps: int = 1) -> tuple[Schedule, dict]:
+    """``build_schedule(cfg)``, with "selective" offload chosen from costs measured now: the per-layer
+    times and bytes of one microbatch (``layers`` as :func:`profile_layers` takes them, ``step()`` its
+    loss) and the copy engine's device->host bandwidth on a buffer the size of the largest stash.
+    Returns the schedule and what was measured (for the run's events)."""
+    if cfg.offload != "selective":
+        return build_schedule(cfg), {}
+    from trainmem.offload import CopyEngine
+
+    from .costs import profile_layers
+    from .split import stage_costs
+    from .stash import measure_copy_bandwidth
+
+    costs = profile_layers(layers, step, exclude=exclude, steps=profile_steps)
+    device = next((p.device for _, mod in layers for p in mod.parameters()), "cpu")
+    copier = CopyEngine(device)
+    try:
+        bandwidth = measure_copy_bandwidth(copier, max(c.saved_bytes for c in stage_costs(costs, layers_per_stage)))
+    finally:
+        copier.close()
+    sched = build_schedule(cfg, stage_costs(costs, layers_per_stage, bandwidth), copy_bytes_per_s=bandwidth)
+    offloaded = sum(a.kind.name == "OFFLOAD" for acts in sched.ranks for a in acts)
+    return sched, {"copy_bytes_per_s": bandwidth, "offloaded_stashes": offloaded}
 
 
 def layers_per_stage_for(cfg: PipelineConfig, n_layer: int, layer_costs: Sequence[LayerCost] | None = None) -> list[int] | None:

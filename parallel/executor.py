@@ -24,9 +24,11 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from .comms import Post, add_comms, comm_plan, has_comms
+from trainmem.offload import CopyEngine
+
 from .ir import Action, DeadlockError, Kind, Schedule
 from .split_backward import SplitBackward
-from .stash import HostPool, Ledger, Stash
+from .stash import Ledger, Stash, StashSlots, offload_slots
 from .transfers import Transfers
 from .validate import ScheduleError, validate
 
@@ -90,21 +92,38 @@ class PipelineExecutor:
     ``loss_fn(output, target)`` is the per-microbatch mean loss; the step's loss is their mean, so
     gradients equal one unpipelined step on the concatenated batch. Gradients accumulate into the
     modules' ``.grad`` (zero them between steps as usual).
+
+    ``rank`` is the pipeline rank inside ``group`` (None: the default group). ``on_stage_done(stage)``
+    is called once per step and stage right after the stage's last weight-gradient action (its
+    last W or BW), when its gradients are complete: data parallelism starts the stage's
+    all-reduce there, under the compute of the stages still running.
+
+    ``stash_hooks`` (a :class:`~trainmem.parallel.activations.PipelinePolicy`): its
+    ``begin_forward(stage, mb)`` runs before each F and ``end_backward(stage, mb)`` after each
+    (stage, mb)'s last backward, once its graph is gone (the activation policy's host carves).
     """
 
     def __init__(self, schedule: Schedule, rank: int, stages: dict[int, nn.Module],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-                 group: dist.ProcessGroup | None = None, timeout_s: float = 60.0) -> None:
+                 group: dist.ProcessGroup | None = None, timeout_s: float = 60.0,
+                 on_stage_done: Callable[[int], None] | None = None, copier: CopyEngine | None = None,
+                 stash_hooks=None) -> None:
         schedule = executable(schedule)
         if sorted(stages) != sorted(schedule.placement[rank]):
             raise ValueError(f"stages={sorted(stages)} but schedule places stages {schedule.placement[rank]} on rank {rank}")
         self.schedule, self.rank, self.stages, self.loss_fn = schedule, rank, stages, loss_fn
         self.group, self.timeout = group, _dt.timedelta(seconds=timeout_s)
         self.actions = schedule.ranks[rank]
+        self.on_stage_done, self.stash_hooks = on_stage_done, stash_hooks
+        self._last_weight_action = {a.stage: i for i, a in enumerate(self.actions) if a.kind in (Kind.W, Kind.BW)}
         self._posts: dict[int, Post] = {post.index: post for post in comm_plan(schedule)[rank]}
         self.last = schedule.n_stages - 1
         self.ledger = Ledger()
-        self.pool = HostPool()
+        device = next(iter(next(iter(stages.values())).parameters())).device
+        self.copier = copier if copier is not None else CopyEngine(device)
+        """Moves offloaded stashes (shared with the activation policy when the engine passes its own)."""
+        self.slots = StashSlots(offload_slots(self.actions), pin=device.type == "cuda")
+        self._settling: list[Stash] = []
         self._shapes: dict[tuple[Kind, int, int], tuple[torch.Size, torch.dtype]] = {}
         self._param_ptrs = {p.untyped_storage().data_ptr() for mod in stages.values() for p in mod.parameters()}
         self._st = _Step()
@@ -127,8 +146,11 @@ class PipelineExecutor:
                 raise
             except Exception as exc:
                 raise PipelineError(f"rank {self.rank} action #{i} {a}: {type(exc).__name__}: {exc}") from exc
+            if self.on_stage_done is not None and self._last_weight_action.get(a.stage) == i:
+                self.on_stage_done(a.stage)
             io.reap()
         io.drain()
+        self._settle()
         leftover = [s.name for s in st.stashes.values() if s.tensors or s.offloaded] + io.leftover()
         if leftover:
             raise PipelineError(f"rank {self.rank}: {leftover} still held after the step (the schedule lacks their W/BW, send or consumer)")
@@ -154,10 +176,21 @@ class PipelineExecutor:
         elif k in (Kind.RECV_F, Kind.RECV_B):
             self._post_recv(a, self._posts[i])
         elif k is Kind.OFFLOAD:
-            self._st.stashes[(a.stage, a.mb)].offload(self.pool)
+            stash = self._st.stashes[(a.stage, a.mb)]
+            stash.offload(self.slots, self.copier)
+            self._settling.append(stash)
         elif k is Kind.RELOAD:
-            self._st.stashes[(a.stage, a.mb)].reload(self.pool)
+            self._settle()
+            self._st.stashes[(a.stage, a.mb)].reload(self.copier)
             self._sample_mb()
+
+    def _settle(self) -> None:
+        """Let go of the device bytes of every offload in flight once its copy has landed: before
+        anything allocates (F, RELOAD), so an offloaded stash never shares the device with a new one."""
+        for stash in self._settling:
+            x = self._st.inputs.get((stash.stage, stash.mb))
+            stash.settle(free={x.untyped_storage().data_ptr()} if x is not None else set())
+        self._settling = []
 
     def _sample_mb(self) -> None:
         """Bytes each stage's stashes hold now, in units of one microbatch's stash of that stage."""
@@ -169,6 +202,7 @@ class PipelineExecutor:
         return self.schedule.rank_of(stage) != self.rank
 
     def _forward(self, a: Action, mbs) -> None:
+        self._settle()
         st = self._st
         key = (a.stage, a.mb)
         if a.stage == 0:
@@ -181,8 +215,10 @@ class PipelineExecutor:
             else:  # previous stage ran on this rank: hand off locally
                 x = self._io.hand_over(("out", a.stage - 1, a.mb)).detach()
             st.inputs[key] = x = x.requires_grad_(x.is_floating_point())
-        stash = Stash(self.ledger, f"{a.stage}:{a.mb}", owner=a.stage)
+        stash = Stash(self.ledger, a.stage, a.mb)
         st.stashes[key] = stash
+        if self.stash_hooks is not None:
+            self.stash_hooks.begin_forward(a.stage, a.mb)
 
         def pack(t: torch.Tensor):
             ptr = t.untyped_storage().data_ptr()
@@ -192,7 +228,7 @@ class PipelineExecutor:
 
         def unpack(h):
             owner, val = h
-            return val if owner is None else owner.get(val)
+            return val if owner is None else owner.get(val, self.copier)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             out = self.stages[a.stage](x)
@@ -229,9 +265,11 @@ class PipelineExecutor:
             torch.autograd.backward(st.roots[key], self._grad_out(a), inputs=targets)
             if want_input:
                 self._give_input_grad(a, x.grad)
-        st.stashes[key].release(self.pool)
+        st.stashes[key].release()
         st.roots.pop(key)
         st.inputs.pop(key, None)
+        if self.stash_hooks is not None:
+            self.stash_hooks.end_backward(a.stage, a.mb)
 
     def _grad_out(self, a: Action) -> torch.Tensor | None:
         """The gradient of this stage's output (None on the last stage, whose root is the loss)."""

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from .costs import LayerCost
 from .ir import Schedule
-from .offload_pass import with_offload
+from .offload_pass import selective_offload, with_offload
 from .schedules import SCHEDULE_NAMES, make_schedule
 from .simulate import Costs, SimResult, simulate
-from .split import balance_layers, predict
+from .split import balance_layers, predict, stage_costs
 
 
 @dataclass
@@ -44,21 +44,26 @@ class Candidate:
 def candidates(p: int, m: int, costs: Costs, offload: bool = True, layers: Sequence[LayerCost] | None = None,
                copy_bytes_per_s: float | None = None) -> list[Candidate]:
     """Every generator that builds for (p, m), plus its offloaded form; unbuildable ones skipped.
-    With measured ``layers``, offloaded forms need ``copy_bytes_per_s`` (else they are left out)."""
+    With unit costs the offloaded form offloads every stash it can; with measured ``layers`` it is
+    PipeOffload's selective form for that split and ``copy_bytes_per_s`` (left out without it)."""
     out = []
     for name in SCHEDULE_NAMES:
         try:
             sched = make_schedule(name, p, m)
         except ValueError:
             continue  # e.g. interleaved needs m % p == 0
+        if layers is None:
+            out.append(Candidate(name, False, sched, simulate(sched, costs)))
+            if offload:
+                form = with_offload(sched)
+                out.append(Candidate(name, True, form, simulate(form, costs)))
+            continue
+        split = balance_layers(layers, sched.n_stages)
         forms = [(False, sched)]
-        if offload and (layers is None or copy_bytes_per_s):
-            forms.append((True, with_offload(sched)))
+        if offload and copy_bytes_per_s:
+            per_stage = stage_costs(layers, split, copy_bytes_per_s)
+            forms.append((True, selective_offload(sched, per_stage, copy_bytes_per_s=copy_bytes_per_s, comm_s=costs.comm)))
         for off, form in forms:
-            if layers is None:
-                out.append(Candidate(name, off, form, simulate(form, costs)))
-                continue
-            split = balance_layers(layers, form.n_stages)
             sim = predict(form, layers, split, comm_s=costs.comm, copy_bytes_per_s=copy_bytes_per_s)
             out.append(Candidate(name, off, form, sim, split))
     return out

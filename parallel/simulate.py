@@ -4,11 +4,13 @@ Times: ``Costs`` gives the cost of F, B, W for *all* of a rank's layers; a stage
 ``1/v`` of them costs that fraction (so schedules with different v compare fairly). BW = B + W.
 Sends are non-blocking; a RECV posts the receive (it cannot pass the matching SEND, which is what
 makes a cycle a deadlock) and the compute that consumes it waits until the data arrives (send time
-+ ``comm``). OFFLOAD/RELOAD run on a per-rank copy engine beside compute.
++ ``comm``). OFFLOAD/RELOAD run on a per-rank copy engine beside compute, in order; as the
+executor does, an F or a RELOAD (what allocates) first waits until every earlier offload copy
+has ended, so an offloaded stash never shares the device with a new allocation.
 
 Memory (in M_B = one microbatch's activations of one rank's layers): F allocates its stage's share
 when it starts; W or BW frees it when it ends; OFFLOAD frees it when its copy ends, RELOAD takes it
-back when its copy starts.
+back when its copy starts. With the wait above the peak equals :func:`order_peak`'s.
 
 Bubble of a rank = idle time inside its own span (first compute start → last compute end) / span;
 the schedule's bubble is the worst rank's. With equal costs this gives the textbook figures,
@@ -144,6 +146,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
     sent: dict[tuple[Kind, int, int], float] = {}
     arrives: dict[tuple[Kind, int, int], float] = {}  # posted RECV -> when its data is there
     reload_done: dict[tuple[int, int], float] = {}
+    offload_end = [0.0] * p  # when the rank's offload copies issued so far have all ended
     timeline: list[list[Slot]] = [[] for _ in range(p)]
     events: list[list[tuple[float, int, float]]] = [[] for _ in range(p)]  # (time, order, delta)
 
@@ -162,17 +165,21 @@ def simulate(schedule: Schedule, costs: Costs | None = None, mem_weights: dict[i
                 elif a.kind in (Kind.SEND_F, Kind.SEND_B):
                     sent[(a.kind, a.stage, a.mb)] = t_compute[r]
                 elif a.kind in (Kind.OFFLOAD, Kind.RELOAD):
+                    if a.kind is Kind.RELOAD:
+                        t_compute[r] = max(t_compute[r], offload_end[r])
                     start = max(t_copy[r], t_compute[r])
                     end = start + copy_time(a)
                     t_copy[r] = end
                     timeline[r].append(Slot(start, end, a, "copy"))
                     if a.kind is Kind.OFFLOAD:
+                        offload_end[r] = end
                         events[r].append((end, 0, -mem_share[a.stage]))
                     else:
                         events[r].append((start, 1, mem_share[a.stage]))
                         reload_done[(a.stage, a.mb)] = end
                 else:
-                    start = max(t_compute[r], reload_done.pop((a.stage, a.mb), 0.0), _input_arrival(arrives, a))
+                    start = max(t_compute[r], reload_done.pop((a.stage, a.mb), 0.0), _input_arrival(arrives, a),
+                                offload_end[r] if a.kind is Kind.F else 0.0)
                     end = start + duration(a)
                     t_compute[r] = end
                     timeline[r].append(Slot(start, end, a))

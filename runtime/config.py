@@ -177,15 +177,17 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.engine.deepspeed:
             self._check_deepspeed()
-        if self.pipeline.stages > 1 and self.pipeline.stages != self.cluster.workers:
+        if self.pipeline.stages > 1 and self.cluster.workers % self.pipeline.stages:
             raise ValueError(
-                f"pipeline.stages={self.pipeline.stages} must equal cluster.workers={self.cluster.workers} "
-                "(one pipeline rank per worker)"
+                f"pipeline.stages={self.pipeline.stages} must divide cluster.workers={self.cluster.workers} "
+                f"(workers = stages x data-parallel replicas; e.g. workers = {self.pipeline.stages} or "
+                f"{2 * self.pipeline.stages})"
             )
-        if self.pipeline.stages > 1 and self.memory.activations in ("offload", "auto"):
+        if self.pipeline.stages > 1 and self.memory.activations != "none" and self.pipeline.offload != "none":
             raise ValueError(
-                f"memory.activations={self.memory.activations!r} cannot run inside a pipeline schedule yet (its host "
-                "pool holds one microbatch in flight); use memory.activations='recompute' or pipeline.offload=true"
+                f"memory.activations={self.memory.activations!r} cannot combine with pipeline.offload="
+                f"{self.pipeline.offload!r}: both would move the same blocks' activations (fix: pick one, e.g. "
+                "memory.activations='auto' with a budget, or pipeline.offload='selective' with activations='none')"
             )
         if self.pipeline.stages > 1 and self.train.batch_size % self.pipeline.microbatches:
             raise ValueError(

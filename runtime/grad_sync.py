@@ -38,7 +38,9 @@ class BucketedAllReduce:
     """Averages ``.grad`` of ``params`` over ``group`` in fixed buckets; call :meth:`finish` after backward."""
 
     def __init__(self, params: list[nn.Parameter], *, sparse: set[int] = frozenset(), group=None,
-                 bucket_bytes: int = _DEFAULT_BUCKET_BYTES, timeout_s: float = 60.0):
+                 bucket_bytes: int = _DEFAULT_BUCKET_BYTES, timeout_s: float = 60.0, hooks: bool = True):
+        """``hooks=False``: buckets start only at :meth:`launch` / :meth:`finish` (a pipeline stage
+        accumulates over microbatches, so a gradient's first arrival is not its last)."""
         self.group = group
         self.world = dist.get_world_size(group)
         self.timeout = timedelta(seconds=timeout_s)
@@ -55,7 +57,7 @@ class BucketedAllReduce:
             self.buckets[-1].append(p)
             size += nbytes
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in dense]
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in dense] if hooks else []
         self._reset()
 
     def _reset(self) -> None:
@@ -79,11 +81,15 @@ class BucketedAllReduce:
         flat = torch.cat(grads).div_(self.world)
         self._inflight.append((i, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
 
-    def finish(self) -> None:
-        """Launch buckets whose gradients never arrived, wait for all, write the averages back."""
+    def launch(self) -> None:
+        """Start every bucket not started yet, in bucket order (asynchronous)."""
         while self._next < len(self.buckets):
             self._launch(self._next)
             self._next += 1
+
+    def finish(self) -> None:
+        """Launch buckets whose gradients never arrived, wait for all, write the averages back."""
+        self.launch()
         try:
             for i, flat, work in self._inflight:
                 work.wait(self.timeout)

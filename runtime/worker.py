@@ -233,6 +233,12 @@ class Worker:
             policy = getattr(self.engine, "policy", None)
             if isinstance(policy, ActivationPolicy) and self.rank == 0:
                 self._event("activation_plan", attempt=self.attempt, **policy.plan_.to_dict())
+            mesh = getattr(self.engine, "mesh", None)
+            if mesh is not None and mesh.replica == 0:  # a pipeline: each stage rank plans and measures its own
+                if policy is not None:
+                    self._event("activation_plan", attempt=self.attempt, rank=self.rank, **policy.plan_.to_dict())
+                if self.engine.measured:
+                    self._event("offload_measured", attempt=self.attempt, rank=self.rank, **self.engine.measured)
         if self.telemetry is None:
             self.telemetry = GpuTelemetry(self._event, announce=self.rank == 0 and self.attempt == 0)
         self._close_callbacks()

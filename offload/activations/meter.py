@@ -73,6 +73,10 @@ class SavedBytesMeter:
             self.host_current += nbytes
             self.host_peak = max(self.host_peak, self.host_current)
 
+    def release_host(self, nbytes: int) -> None:
+        with self._lock:
+            self.host_current = max(0, self.host_current - nbytes)
+
     def reset_host(self) -> None:
         with self._lock:
             self.host_current = 0

@@ -248,13 +248,24 @@ class ActivationPolicy:
         self._install(plan, choices)
         return plan
 
-    def _install(self, plan: Plan, choices: list[Choice]) -> None:
+    def install(self, plan: Plan, choices: list[Choice], *, host_pool_bytes: int) -> None:
+        """Run with ``choices`` planned by the caller (a pipeline plans each rank over its own stages
+        and in-flight microbatches) and, if any block offloads, a host pool of ``host_pool_bytes``,
+        allocated once (the caller carves it per microbatch; see :meth:`OffloadEngine.use_pool`)."""
+        self._install(plan, choices, host_pool_bytes)
+
+    @staticmethod
+    def padding_bytes(n_blocks: int) -> int:
+        """Host bytes one forward's regions of ``n_blocks`` blocks may lose to alignment."""
+        return _REGIONS_PER_BLOCK * ALIGN * n_blocks
+
+    def _install(self, plan: Plan, choices: list[Choice], size: int | None = None) -> None:
         self.plan_, self.choices = plan, choices
         if not any(c.decision == OFFLOAD for c in choices):
             return
         # room for every region's alignment padding, then never more than the capacity
-        size = self.cfg.host_pool_bytes or min(self.host_capacity(),
-                                               plan.host_bytes + _REGIONS_PER_BLOCK * ALIGN * len(choices))
+        size = size or self.cfg.host_pool_bytes or min(self.host_capacity(),
+                                                       plan.host_bytes + self.padding_bytes(len(choices)))
         if self.pool is None or self.pool.capacity != size:
             if self.engine is not None:
                 self.engine.close()

@@ -64,10 +64,11 @@ class _Region:
     """One host copy: either a source's whole storage (views rebuilt with their exact strides) or one view."""
 
     __slots__ = ("host", "src", "src_version", "src_key", "done", "d2h_event", "device", "dev", "dev_key",
-                 "h2d_event", "holders", "block", "what")
+                 "h2d_event", "holders", "block", "what", "pool")
 
-    def __init__(self, host: torch.Tensor, src: torch.Tensor, block: int, what: str):
+    def __init__(self, host: torch.Tensor, src: torch.Tensor, block: int, what: str, pool: int = 0):
         self.host, self.src, self.src_version, self.block, self.what = host, src, src._version, block, what
+        self.pool = pool  # id of the pool it lives in: prefetch stays inside one forward's regions
         self.src_key = None
         self.done = None
         self.d2h_event = self.h2d_event = None
@@ -113,10 +114,32 @@ class OffloadEngine:
         self.block = -1
         self._dedupe: dict[tuple, _Region] = {}
         self._unfinished: list[_Region] = []  # forward copies whose source we still hold
-        self._by_block: dict[int, list[_Region]] = {}
+        self._by_block: dict[tuple[int, int], list[_Region]] = {}  # (pool, block) -> regions, for prefetch
         self.live_holders = 0
 
     # ---- step / block boundaries -------------------------------------------------------------
+    def use_pool(self, pool: HostPool) -> None:
+        """Take the next forward's regions from ``pool`` (one :meth:`HostPool.carve` of the pool
+        given at construction). A pipeline has several microbatches in flight: each gets its own,
+        which the caller rewinds once that microbatch's backward has let go of its tensors."""
+        self.pool = pool
+
+    def release_pool(self, pool: HostPool) -> None:
+        """Rewind ``pool`` (a carve handed to :meth:`use_pool`) once its microbatch's backward is done.
+        Raises if a tensor offloaded into it is still referenced: its region would be overwritten."""
+        keys = [k for k in self._by_block if k[0] == id(pool)]
+        held = sum(r.holders for k in keys for r in self._by_block[k])
+        if held:
+            raise RuntimeError(
+                f"{held} offloaded tensors of a finished microbatch are still referenced; their host regions "
+                "would be reused (fix: drop the graph after the backward, no retain_graph=True)"
+            )
+        regions = [r for k in keys for r in self._by_block.pop(k)]
+        self._finish(regions)
+        self._unfinished = [r for r in self._unfinished if r.pool != id(pool)]
+        self.meter.release_host(sum(r.host.numel() for r in regions))
+        pool.reset()
+
     def begin_step(self) -> None:
         if self.live_holders:
             raise RuntimeError(
@@ -137,7 +160,7 @@ class OffloadEngine:
             self.begin_step()
         self.block = index
         self._dedupe = {}
-        self._by_block.setdefault(index, [])
+        self._by_block.setdefault((id(self.pool), index), [])
 
     def end_block(self) -> None:
         """CPU: wait for this block's copies (the copy thread shares the cores). CUDA: wait for the
@@ -209,7 +232,7 @@ class OffloadEngine:
         _, host = self.pool.alloc(nbytes, what=f"block {self.block} {what}")
         self.meter.add_host(nbytes)
         dst = host if whole else host.view(t.dtype).view(t.shape)
-        region = _Region(host, t.detach(), self.block, what)  # detached: no cycle through grad_fn
+        region = _Region(host, t.detach(), self.block, what, id(self.pool))  # detached: no cycle through grad_fn
         region.src_key = self.meter.add(t)
         if t.is_cuda:
             d2h, _ = self._cuda_streams(t.device)
@@ -223,7 +246,7 @@ class OffloadEngine:
         else:
             region.done = self.copier.copy(dst, src, "device", "host", what=f"offload of block {self.block} {what}")
         self._unfinished.append(region)
-        self._by_block[self.block].append(region)
+        self._by_block[(id(self.pool), self.block)].append(region)
         return region
 
     def _cuda_streams(self, device: torch.device) -> tuple:
@@ -250,7 +273,7 @@ class OffloadEngine:
         cur = torch.cuda.current_stream(region.device)
         self._fetch_async(region)
         for ahead in range(1, self.prefetch_blocks + 1):
-            for r in self._by_block.get(region.block - ahead, []):
+            for r in self._by_block.get((region.pool, region.block - ahead), []):
                 self._fetch_async(r)
         cur.wait_event(region.h2d_event)
         region.dev.record_stream(cur)

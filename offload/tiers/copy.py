@@ -111,7 +111,14 @@ class CopyEngine:
                 if t.is_cuda:
                     t.record_stream(stream)  # the allocator must not reuse either before the copy ran
             return Handle(self, what, event=event)
-        return Handle(self, what, future=self._pool("copy").submit(dst.copy_, src))
+        pair = [dst, src]
+
+        def run() -> None:  # keeps no reference once done: a copied-out source can be freed at once
+            d, s = pair
+            pair.clear()
+            d.copy_(s)
+
+        return Handle(self, what, future=self._pool("copy").submit(run))
 
     def wait_on_compute(self, handle: Handle) -> None:
         """CUDA: make the compute stream wait for ``handle`` without blocking the host; CPU: wait."""

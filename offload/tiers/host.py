@@ -52,6 +52,17 @@ class HostPool:
             self.high_water = max(self.high_water, end)
         return start, self.arena[start:end]
 
+    def carve(self, nbytes: int, what: str = "sub-pool") -> "HostPool":
+        """A pool over ``nbytes`` of this one (same storage, nothing new allocated), with its own
+        bump offset and :meth:`reset`: one per in-flight unit whose regions are freed together
+        (a pipeline's microbatch)."""
+        _, region = self.alloc(nbytes, what=what, align=DIRECT_IO_ALIGN)
+        child = HostPool.__new__(HostPool)
+        child.capacity, child.pinned, child.arena = int(nbytes), self.pinned, region
+        child.used = child.high_water = 0
+        child._lock = threading.Lock()
+        return child
+
     def reset(self) -> None:
         """Rewind to empty. The caller guarantees no copy still reads or writes a region."""
         with self._lock:

@@ -93,3 +93,36 @@ def test_gradient_accumulation_rewinds_the_pool_between_micro_batches():
             lm_loss(model(x), y).backward()
     assert policy.pool.high_water <= policy.pool.capacity
     policy.remove()
+
+
+def test_carves_share_the_arena_rewind_alone_and_refuse_to_rewind_under_live_tensors():
+    from trainmem.offload import OffloadEngine, SavedBytesMeter
+
+    pool = HostPool(64 << 10)
+    first, second = pool.carve(16 << 10), pool.carve(16 << 10)
+    assert first.storage_ptr == second.storage_ptr == pool.storage_ptr and pool.used >= 32 << 10
+    _, a = first.alloc(16 << 10)
+    _, b = second.alloc(16 << 10)
+    assert a.data_ptr() + a.numel() <= b.data_ptr()  # disjoint regions of one arena
+    with pytest.raises(HostPoolFull):
+        first.alloc(1)
+    first.reset()
+    assert first.used == 0 and second.used == 16 << 10
+    # the engine: one forward into a carve; its tensors alive -> no rewind; graph gone -> rewound
+    meter = SavedBytesMeter()
+    engine = OffloadEngine(pool, meter)
+    carve = pool.carve(32 << 10)
+    engine.use_pool(carve)
+    w = torch.randn(64, 64, requires_grad=True)
+    engine.begin_block(0)
+    with torch.autograd.graph.saved_tensors_hooks(engine.pack, engine.unpack):
+        loss = (torch.randn(16, 64) @ w).tanh().sum()
+    engine.end_block()
+    assert carve.used > 0 and meter.host_current > 0
+    with pytest.raises(RuntimeError, match="still referenced"):
+        engine.release_pool(carve)
+    loss.backward()
+    del loss
+    engine.release_pool(carve)
+    assert carve.used == 0 and meter.host_current == 0 and w.grad is not None
+    engine.close()

@@ -79,3 +79,43 @@ def test_config_builds_schedule_and_layout():
     assert stage_layout("1f1b", 3, 7) == [[(0, 2)], [(1, 3)], [(2, 2)]]
     with pytest.raises(ValueError, match="layers_per_stage"):
         stage_layout("1f1b", 2, 4, layers_per_stage=[1, 1])
+
+
+def test_mesh_groups_are_pipeline_major_and_cover_every_rank_once():
+    from trainmem.parallel import mesh_groups
+
+    pipelines, data = mesh_groups(3, 2)
+    assert pipelines == [[0, 2, 4], [1, 3, 5]] and data == [[0, 1], [2, 3], [4, 5]]
+    for p, d in [(1, 1), (2, 2), (4, 3), (8, 2)]:
+        pipes, groups = mesh_groups(p, d)
+        assert sorted(r for g in pipes for r in g) == list(range(p * d)) == sorted(r for g in groups for r in g)
+        assert all(pipes[r % d][r // d] == r and r in groups[r // d] for r in range(p * d))
+    with pytest.raises(ValueError, match="replicas=0"):
+        mesh_groups(2, 0)
+
+
+def test_job_spec_takes_the_activation_policy_inside_a_pipeline_but_not_beside_pipeline_offload():
+    from trainmem.offload import ActivationConfig
+    from trainmem.runtime.config import ClusterConfig, JobSpec, TrainConfig
+
+    pipe = dict(schedule="1f1b", stages=2, microbatches=4)
+    cluster, train = ClusterConfig(workers=2), TrainConfig(batch_size=8)
+    for mode, budget in [("auto", 0.5), ("offload", None), ("recompute", None)]:
+        spec = JobSpec(memory=ActivationConfig(activations=mode, activation_budget=budget),
+                       pipeline=PipelineConfig(**pipe), cluster=cluster, train=train)
+        assert spec.memory.activations == mode
+    with pytest.raises(ValueError) as err:
+        JobSpec(memory=ActivationConfig(activations="auto", activation_budget=0.5),
+                pipeline=PipelineConfig(**pipe, offload="selective"), cluster=cluster, train=train)
+    assert str(err.value).startswith("memory.activations='auto' cannot combine with pipeline.offload='selective'")
+
+
+def test_a_replica_group_is_the_data_parallel_ranks_of_one_stage():
+    from trainmem.runtime.config import ClusterConfig, JobSpec, TrainConfig
+    from trainmem.runtime.engines import replica_groups
+
+    for stages, workers, groups in [(2, 4, [[0, 1], [2, 3]]), (2, 2, [[0], [1]]), (3, 6, [[0, 1], [2, 3], [4, 5]])]:
+        spec = JobSpec(pipeline=PipelineConfig(schedule="1f1b", stages=stages, microbatches=stages),
+                       cluster=ClusterConfig(workers=workers), train=TrainConfig(batch_size=6 * stages))
+        assert replica_groups(spec) == groups
+    assert replica_groups(JobSpec(cluster=ClusterConfig(workers=3))) == [[0, 1, 2]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import socket
 import time
 import weakref
@@ -19,17 +20,19 @@ SCHEDULES = ["1f1b", "zb-h1", "zb-v", "v-half", "v-min"]
 
 
 class _SavedStorages:
-    """Saved-activation bytes alive on this rank, per stage, taken from the tensors autograd saves:
-    every pack hook (the executor's included) passes through here first, and a storage counts from
-    its first save until it is freed (weakref finalizer on the storage), charged to the stage whose
-    forward saved it (a forward pre-hook names the stage). Independent of the executor's ledger
-    and counters. ``peak_mb`` = max over saves of sum_s (bytes of s / one microbatch of s) / v."""
+    """Device bytes of saved activations alive on this rank, taken from the tensors themselves:
+    every pack hook (the executor's included) passes through here first, every host->device copy
+    the copy engine makes (a RELOAD's buffers) too, and a storage counts with its current size
+    from then until it is freed (weakref finalizer on the storage), charged to the stage whose
+    forward saved it (a forward pre-hook names the stage; a reload's copy names its stash).
+    Independent of the executor's ledger and counters. Sampled at every save and every reload
+    copy, the only moments device bytes grow. ``peak_mb`` = max over samples of
+    sum_s (bytes of s / one microbatch of s) / v."""
 
     def __init__(self, torch) -> None:
         self.stage = None
         self.skip: set[int] = set()  # parameters and the step's own inputs/targets
-        self.live: dict[int, tuple[int, int]] = {}
-        self.by_stage: dict[int, int] = {}
+        self.live: dict[int, tuple] = {}  # id(storage) -> (weakref to it, stage)
         self.units: dict[int, int] = {}
         self.v = 1
         self.peak_mb = 0.0
@@ -46,42 +49,58 @@ class _SavedStorages:
                 super().__init__(pack, unpack_hook)
 
         torch.autograd.graph.saved_tensors_hooks = Spying
+        from trainmem.offload import CopyEngine
+
+        real_copy = CopyEngine.copy
+
+        def copy(engine, dst, src, src_tier, dst_tier, *, what="copy"):
+            if (src_tier, dst_tier) == ("host", "device"):
+                hit = re.search(r"stash (\d+):", what)
+                tracker.track(dst.untyped_storage(), int(hit.group(1)) if hit else None)
+            return real_copy(engine, dst, src, src_tier, dst_tier, what=what)
+
+        CopyEngine.copy = copy
 
     def watch(self, stages: dict, skip_tensors) -> None:
+        self.units = {}
         for s, mod in stages.items():
             mod.register_forward_pre_hook(lambda *_, s=s: setattr(self, "stage", s))
         self.skip = {t.untyped_storage().data_ptr() for t in skip_tensors}
 
     def saw(self, t) -> None:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in self.skip or ptr in self.live:
+        if t.untyped_storage().data_ptr() not in self.skip:
+            self.track(t.untyped_storage(), self.stage)
+
+    def track(self, storage, stage) -> None:
+        key = id(storage)
+        if key in self.live:
             return
-        self.live[ptr] = (self.stage, storage.nbytes())
-        self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + storage.nbytes()
-        weakref.finalize(storage, self._freed, ptr)
-        self.peak_bytes = max(self.peak_bytes, sum(self.by_stage.values()))
+        self.live[key] = (weakref.ref(storage), stage)
+        weakref.finalize(storage, self.live.pop, key, None)
+        by_stage: dict = {}
+        for ref, s in list(self.live.values()):
+            alive = ref()
+            if alive is not None:
+                by_stage[s] = by_stage.get(s, 0) + alive.nbytes()
+        self.peak_bytes = max(self.peak_bytes, sum(by_stage.values()))
         if self.units:
-            held = sum(b / self.units[s] for s, b in self.by_stage.items() if self.units.get(s))
+            held = sum(b / self.units[s] for s, b in by_stage.items() if self.units.get(s))
             self.peak_mb = max(self.peak_mb, held / self.v)
 
-    def _freed(self, ptr: int) -> None:
-        stage, nbytes = self.live.pop(ptr)
-        self.by_stage[stage] -= nbytes
-
     def measure_units(self, torch, stages: dict, inputs, last_stage: int, loss) -> None:
-        """One microbatch through each stage alone: the bytes it saves are that stage's unit."""
+        """One microbatch through each stage alone: the bytes of the distinct storages it saves
+        are that stage's unit."""
         for s, mod in stages.items():
-            before = self.by_stage.get(s, 0)
             kept: list = []  # owning the saved tensors here keeps autograd's graph free of cycles
             with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or len(kept) - 1, kept.__getitem__):
                 out = mod(inputs(s))
                 if s == last_stage:
                     out = loss(out)
-            self.units[s] = self.by_stage.get(s, 0) - before
+            distinct = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept
+                        if t.untyped_storage().data_ptr() not in self.skip}
+            self.units[s] = sum(distinct.values())
             kept.clear()
             del out
-            assert self.by_stage.get(s, 0) == before, f"stage {s}: saved tensors outlived the graph"
 
     def start(self, v: int) -> None:
         self.v, self.peak_mb, self.peak_bytes = v, 0.0, 0
@@ -121,6 +140,7 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from trainmem.parallel import PipelineError, PipelineExecutor, make_schedule, order_peak, stage_layout, with_offload
+    from trainmem.parallel.stash import offload_slots
     from trainmem.runtime.models import ModelConfig, build, lm_loss, split_into_stages
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -136,14 +156,15 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
     lm_loss(ref(torch.cat([a for a, _ in mbs])), torch.cat([b for _, b in mbs])).backward()
     ref_grads = {n: q.grad for n, q in ref.named_parameters()}
     results = {}
-    extra = [("gpipe", False), ("interleaved", False), ("zb-h2", False), ("1f1b", True), ("v-half", True)]
-    cases = [(n, False) for n in SCHEDULES] + (extra if p == 2 else [])
+    extra = ([("gpipe", False), ("interleaved", False), ("zb-h2", False), ("1f1b", True), ("v-half", True)] if p == 2
+             else [("1f1b", True), ("zb-v", True)])
+    cases = [(n, False) for n in SCHEDULES] + extra
     hidden = torch.randn(2, seq, cfg.d_model, dtype=torch.float64)  # a stage input, cloned per use
     for name, offload in cases:
         model = build(cfg, seed=0).double()
         sched = make_schedule(name, p, m)
         if offload:
-            sched = with_offload(sched, min_gap=1, prefetch=0)
+            sched = with_offload(sched)
         layout = stage_layout(name, p, n_layer)
         counts = {s: k for row in layout for s, k in row}
         stages = split_into_stages(model, [counts[s] for s in sorted(counts)])
@@ -152,7 +173,7 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
         saved.measure_units(torch, mine, lambda s: mbs[0][0] if s == 0 else hidden.clone().requires_grad_(),
                             sched.n_stages - 1, lambda out: lm_loss(out, mbs[0][1]) / m)
         ex = PipelineExecutor(sched, rank, mine, lm_loss, timeout_s=60)
-        steps = 2 if (name == "1f1b" and not offload) else 1
+        steps = 2 if (name == "1f1b" or offload) else 1
         sent.start()
         saved.start(sched.v)
         for _ in range(steps):
@@ -166,7 +187,8 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
             "exec_mb": stats.peak_mb, "exec_bytes": stats.peak_bytes,
             "exec_stage_bytes": {str(k): v for k, v in stats.stage_bytes.items()},
             "units": {str(k): v for k, v in saved.units.items()},
-            "host_pool": ex.pool.allocated_bytes,
+            "host_pool": ex.slots.allocated_bytes,
+            "host_slots_bytes": sum(n * saved.units[s] for s, n in offload_slots(ex.actions).items()),
         }
     if p == 2:  # many microbatches: sent buffers must not pile up over the step
         long = [(torch.randint(0, 256, (2, seq), generator=gen), torch.randint(0, 256, (2, seq), generator=gen))
@@ -237,18 +259,24 @@ def test_executor_matches_unpipelined_and_simulator(p, tmp_path):
         assert max(r["v-half"]["measured_mb"] for r in ranks) == pytest.approx(3)
         assert ranks[0]["1f1b"]["measured_mb"] == pytest.approx(4)
         assert max(r["v-min"]["measured_mb"] for r in ranks) == pytest.approx(2)
+    # OFFLOAD/RELOAD schedules too: the peak measured from the tensors (offloaded storages freed,
+    # reload buffers counted from their copy) equals the simulator's, per rank, in bytes
+    extra = ("gpipe", "interleaved", "zb-h2", "1f1b+offload", "v-half+offload") if p == 2 else ("1f1b+offload", "zb-v+offload")
+    for name in extra:
+        for r, res in enumerate(ranks):
+            got = res[name]
+            assert got["grad_err"] < 1e-6, f"{name} rank {r}"
+            assert got["measured_bytes"] == got["sim_bytes"], f"{name} rank {r}"
+            assert got["exec_bytes"] == got["sim_bytes"] and got["exec_mb"] == pytest.approx(got["sim_mb"])
+            if "offload" in name:  # one host slot per concurrently offloaded stash, allocated once
+                assert got["host_slots_bytes"] <= got["host_pool"] <= 1.02 * got["host_slots_bytes"] + 4096, f"{name} rank {r}"
+    for name in (n for n in extra if "offload" in n):
+        base = name.split("+")[0]
+        assert max(r[name]["measured_bytes"] for r in ranks) < max(r[base]["measured_bytes"] for r in ranks), name
+        assert ranks[0][name]["host_pool"] > 0
+    if p == 4:  # 1F1B: every rank but the last holds one stash instead of p - r
+        assert [r["1f1b+offload"]["sim_mb"] for r in ranks] == [1.0, 1.0, 1.0, 1.0]
     if p == 2:
-        for name in ("gpipe", "interleaved", "zb-h2", "1f1b+offload", "v-half+offload"):
-            for r, res in enumerate(ranks):
-                got = res[name]
-                assert got["grad_err"] < 1e-6, f"{name} rank {r}"
-                assert got["exec_bytes"] == got["sim_bytes"] and got["exec_mb"] == pytest.approx(got["sim_mb"])
-                if "offload" in name:  # offloaded stashes really left device memory (reloads are not packs)
-                    assert got["measured_mb"] <= got["sim_mb"] + 1e-9, f"{name} rank {r}"
-                else:
-                    assert got["measured_mb"] == pytest.approx(got["sim_mb"]), f"{name} rank {r}"
-        assert ranks[0]["1f1b+offload"]["exec_mb"] < ranks[0]["1f1b"]["exec_mb"]
-        assert ranks[0]["1f1b+offload"]["host_pool"] > 0
         for r, res in enumerate(ranks):  # 16 resp. 32 sends per rank in a step; few are held at once
             for name in ("1f1b", "zb-v"):
                 long = res[f"long-{name}"]

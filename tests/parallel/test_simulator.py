@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainmem.parallel import (Costs, DeadlockError, Kind, make_schedule, order_peak, pick, simulate, v_block,
+from trainmem.parallel import (SCHEDULE_NAMES, Costs, DeadlockError, Kind, make_schedule, order_peak, pick, simulate, v_block,
                                validate, with_offload)
 
 CASES = [(2, 4), (3, 6), (4, 8), (4, 12), (2, 8)]
@@ -102,12 +102,35 @@ def test_offload_lowers_peak_and_costs_time_when_copies_are_slow():
     sched = make_schedule("1f1b", 4, 8)
     off = with_offload(sched)
     validate(off)
+    base = simulate(sched)
     fast = simulate(off, Costs(offload=0.1))
-    assert max(fast.peak_mb) < max(simulate(sched).peak_mb)
-    assert fast.makespan == pytest.approx(simulate(sched).makespan)
+    # every stash but the last stage's (its backward follows at once) leaves between F and backward
+    assert order_peak(off) == fast.peak_mb == [1.0, 1.0, 1.0, 1.0] and base.peak_mb == [4.0, 3.0, 2.0, 1.0]
+    # a reload waits for the offload before it (never two stashes on the device): each microbatch
+    # of ranks 0-2 exposes at most its two copies
+    assert base.makespan < fast.makespan <= base.makespan + 2 * 0.1 * 8
     slow = simulate(off, Costs(offload=5.0))
-    assert slow.makespan > fast.makespan
-    assert order_peak(off) == [2.0, 2.0, 2.0, 1.0]
+    assert slow.makespan > fast.makespan and slow.peak_mb == fast.peak_mb
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(SCHEDULE_NAMES), p=st.integers(2, 6), extra=st.integers(0, 6),
+       f=st.floats(0.1, 3), b=st.floats(0.1, 3), copy=st.floats(0.0, 4), prefetch=st.integers(0, 3),
+       pick=st.integers(0, 2 ** 16))
+def test_offloaded_schedules_peak_as_their_action_order_says(name, p, extra, f, b, copy, prefetch, pick):
+    """Whatever the copy times, the simulator's timed peak equals order_peak's (an F or RELOAD
+    waits for earlier offloads), and the peak-preserving reload placement never raises the peak
+    of the latest placement (prefetch 0)."""
+    m = p * (1 + extra // 3) if name == "interleaved" else p + extra
+    sched = make_schedule(name, p, m)
+    stashes = [(a.stage, a.mb) for acts in sched.ranks for a in acts if a.kind is Kind.F]
+    chosen = {k for i, k in enumerate(stashes) if (pick >> (i % 16)) & 1}
+    off = with_offload(sched, chosen, prefetch=prefetch)
+    validate(off)
+    assert simulate(off, Costs(f=f, b=b, w=b, offload=copy)).peak_mb == pytest.approx(order_peak(off))
+    latest = with_offload(sched, chosen, prefetch=0)
+    assert order_peak(off) == pytest.approx(order_peak(latest))
+    assert all(x <= y + 1e-9 for x, y in zip(order_peak(off), order_peak(sched)))
 
 
 def test_pick_fits_budget_and_prefers_fastest():
@@ -142,3 +165,38 @@ def test_simulator_deadlock_error_names_rank_and_peer():
     with pytest.raises(DeadlockError, match=r"rank 1 .*RECV_F1 waits for 0SEND_F1 from rank 0"):
         simulate(sched.with_ranks([r0, sched.ranks[1]]))
     assert math.isfinite(simulate(sched).makespan)
+
+
+def test_selective_offload_keeps_what_its_copy_cannot_hide_under():
+    from trainmem.parallel import StageCost, lifespans, selective_offload
+
+    sched = make_schedule("1f1b", 4, 8)
+    costs = [StageCost(f=1.0, b=1.0, w=1.0, saved_bytes=1000) for _ in range(4)]
+    spans = lifespans(sched, costs)
+    assert all(spans[(3, mb)] == 0 for mb in range(8))  # the last stage's backward follows its F at once
+    assert min(spans[(0, mb)] for mb in range(8)) >= 2 * 3.0  # rank 0: three F+BW slots before its BW
+    fast = selective_offload(sched, costs, copy_bytes_per_s=1e6)
+    chosen = {(a.stage, a.mb) for acts in fast.ranks for a in acts if a.kind is Kind.OFFLOAD}
+    assert chosen == {(s, mb) for s in range(3) for mb in range(8)}
+    assert order_peak(fast, {s: 1000 for s in range(4)}) == [1000, 1000, 1000, 1000]
+    # a round trip of 5.5 s: longer than any of rank 2's lifespans (3 s, 5 s in the warm-up), shorter
+    # than rank 1's (6 s and more): only ranks 0 and 1 offload
+    mid = selective_offload(sched, costs, copy_bytes_per_s=2 * 1000 / 5.5)
+    assert {a.stage for acts in mid.ranks for a in acts if a.kind is Kind.OFFLOAD} == {0, 1}
+    none = selective_offload(sched, costs, copy_bytes_per_s=1.0)
+    assert not any(a.kind is Kind.OFFLOAD for acts in none.ranks for a in acts)
+    with pytest.raises(ValueError, match="copy_bytes_per_s"):
+        selective_offload(sched, costs, copy_bytes_per_s=0)
+
+
+def test_pipeline_offload_setting():
+    from trainmem.parallel import PipelineConfig, StageCost, build_schedule
+
+    assert PipelineConfig(offload=True).offload == "all" and PipelineConfig(offload=False).offload == "none"
+    with pytest.raises(ValueError, match="offload='some'"):
+        PipelineConfig(offload="some")
+    cfg = PipelineConfig(stages=2, microbatches=4, offload="selective")
+    with pytest.raises(ValueError, match="selective"):
+        build_schedule(cfg)
+    sched = build_schedule(cfg, [StageCost(f=1, b=1, w=1, saved_bytes=10)] * 2, copy_bytes_per_s=1e9)
+    assert any(a.kind is Kind.OFFLOAD for a in sched.ranks[0]) and not any(a.kind is Kind.OFFLOAD for a in sched.ranks[1])

@@ -47,6 +47,31 @@ def test_pipeline_job_recovers_bitwise_and_matches_the_unpipelined_model(ray_clu
     assert min(saved) > 0
 
 
+PXD = {"model": {"size": "tiny", "n_layer": 4}, "train": {"steps": 10},
+       "pipeline": {"schedule": "1f1b", "stages": 2, "microbatches": 4},
+       "cluster": {"workers": 4, "cpus_per_worker": 0.5, "hang_timeout_s": 10.0},
+       "checkpoint": {"snapshot_every": 1, "every_steps": 5}}
+
+
+def test_pipeline_times_data_parallel_equals_ddp_and_a_kill_recovers_bitwise(ray_cluster, tmp_path):
+    """2 stages x 2 replicas on 4 workers: each replica reads its own batches and each stage's
+    gradients are averaged over its 2 replicas, so the losses are those of 2-rank DDP."""
+    clean = Controller(_spec(tmp_path / "pxd", **PXD)).run()
+    ddp = Controller(_spec(tmp_path / "ddp", model=PXD["model"], train=PXD["train"],
+                           cluster={"workers": 2, "cpus_per_worker": 0.5})).run()
+    assert _losses(clean) == pytest.approx(_losses(ddp), rel=1e-5)
+    # one durable writer per stage: rank 0 for stage 0, rank 2 for stage 1 (pipeline-major mesh)
+    ckpt = tmp_path / "pxd" / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("rank-*") if any(p.glob("step-*"))) == ["rank-0", "rank-2"]
+    spec = _spec(tmp_path / "pxd-kill", **PXD)
+    killed = Controller(spec, inject=InjectedFailure(rank=2, step=7, kind="kill")).run()
+    events = read_jsonl(spec.run_dir / "events.jsonl")
+    assert next(e for e in events if e["event"] == "ranks_replaced")["ranks"] == [2]
+    restored = next(e for e in events if e["event"] == "restored")
+    assert restored["tier"] == "memory" and restored["step"] == 6  # from stage 1's other replica, rank 3
+    assert killed.params_sha256 == clean.params_sha256
+
+
 def test_memory_policy_respects_its_budget_keeps_the_math_and_recovers(ray_cluster, tmp_path):
     memory = {"activations": "auto", "activation_budget": 0.5}
     train = {"steps": 12}
