@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
     table = Table(title=f"launch: GPT {args.size}, 2 workers, SIGKILL rank 1 at step {args.kill_step} "
                         f"(ours: snapshots every step; Ray Train: checkpoint every {args.every})")
     for col in ("figure", "trainmem cold", "trainmem spare", "Ray Train", "cold / RT", "spare / RT",
-                "torchft", "spare / torchft"):
+                "torchft", "spare / TF"):
         table.add_column(col, justify="right")
     out = {"size": args.size, "steps": args.steps, "kill_step": args.kill_step, "every_steps": args.every,
            "replacement": {"cold": cold["replacement"], "spare": spare["replacement"]},
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
     for key in ("restored_step", "lost_steps"):
         table.add_row(key, str(cold[key]), str(spare[key]), str(theirs[key]), "", "", str(tft.get(key, "-")), "")
         out[key], out[f"raytrain_{key}"] = max(cold[key], spare[key]), theirs[key]
-    table.add_row("stall_s (healthy rank)", "", "", "", "", "", f"{tft['stall_s']:.2f}" if "stall_s" in tft else "-", "")
+    table.add_row("stall_s", "", "", "", "", "", f"{tft['stall_s']:.2f}" if "stall_s" in tft else "-", "")
     out.update(_torchft_keys(tft, spare))
     console.print(table)
     if "error" in tft:

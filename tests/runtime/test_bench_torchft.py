@@ -28,3 +28,11 @@ def test_torchft_side_kills_restarts_and_heals_replica_1_from_its_peer(tmp_path)
     assert second_life[0]["step"] == healed["step"] + 1 and second_life[0]["participants"] == 2
     assert result["lost_steps"] == 0 and result["params_equal"]
     assert 0 < result["recover_s"] < 120 and result["stall_s"] > 0
+
+
+def test_torchft_side_reports_a_failing_replica_instead_of_crashing_the_bench(tmp_path):
+    job = {**_job(_args(["--quick"])), "model": {"size": "no-such-size", "seq_len": 128}}
+    result = run_torchft(job, tmp_path)
+    # The supervisor restarts a failed replica once, then names it and its last words.
+    assert set(result) == {"error"}
+    assert "failed again" in result["error"] and "size='no-such-size'" in result["error"]
