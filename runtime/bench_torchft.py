@@ -147,8 +147,8 @@ def _spawn(replica: int, job_json: Path, out_dir: Path, lighthouse: str) -> subp
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # gloo's pairs on loopback, never a public interface
     cmd = [sys.executable, "-m", "trainmem.runtime.bench_torchft", "--replica", str(replica),
            str(job_json), str(out_dir), lighthouse]
-    stderr = open(out_dir / f"replica_{replica}.stderr", "ab")
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    with open(out_dir / f"replica_{replica}.stderr", "ab") as stderr:  # the child keeps its own copy
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
 
 
 def _stderr_tail(out_dir: Path, replica: int) -> str:
