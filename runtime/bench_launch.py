@@ -4,9 +4,10 @@ Both sides train the same GPT on the same batches with 2 workers, checkpoint to 
 ``--every`` steps, and lose rank 1 to SIGKILL at ``--kill-step``. Each runs in a fresh child
 process, so ``first_step_s`` includes interpreter start, imports and Ray start-up. Ours runs twice,
 with in-memory snapshots every step: the lost rank replaced by a cold start ("cold") and by a warm
-spare ("spare"); Ray Train restarts its whole group from its last reported checkpoint. Two more short
-runs of ours time the first step only: under ``mpirun -n 2 ... --launcher mpirun`` (MPI starts the Ray
-cluster) and with ``[engine] kind = "deepspeed"`` (ZeRO-2 on trainmem's group).
+spare ("spare"); Ray Train restarts its whole group from its last reported checkpoint; torchft
+(``bench_torchft``) restarts only the lost replica group and heals it live from its peer. Two more
+short runs of ours time the first step only: under ``mpirun -n 2 ... --launcher mpirun`` (MPI starts
+the Ray cluster) and with ``[engine] kind = "deepspeed"`` (ZeRO-2 on trainmem's group).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .bench_torchft import run_torchft
 from .runlog import read_jsonl
 
 
@@ -33,6 +35,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--kill-step", type=int, default=17)
     p.add_argument("--every", type=int, default=5, help="disk checkpoint every N steps, both sides")
+    p.add_argument("--no-mpirun", action="store_true", help="skip the first-step run under mpirun")
+    p.add_argument("--no-deepspeed", action="store_true", help="skip the first-step run of the DeepSpeed engine")
+    p.add_argument("--no-torchft", action="store_true", help="skip the torchft side (live recovery from a peer)")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.kill_step, args.every = "tiny", 12, 7, 5
@@ -130,6 +135,16 @@ def run_raytrain(job: dict, work: Path) -> dict:
             "lost_steps": job["kill_step"] - 1 - (restored["step"] if restored else 0)}
 
 
+def _torchft_keys(tft: dict, spare: dict) -> dict:
+    if "error" in tft:
+        return {"torchft_error": tft["error"]}
+    out = {f"torchft_{key}": round(tft[key], 3) if tft[key] is not None else None
+           for key in ("recover_s", "first_step_s", "stall_s", "detect_s")}
+    out.update(torchft_lost_steps=tft["lost_steps"], torchft_params_equal=tft["params_equal"],
+               recover_spare_vs_torchft=round(spare["recover_s"] / tft["recover_s"], 3) if tft["recover_s"] else None)
+    return out
+
+
 def main(argv: list[str]) -> int:
     args = _args(argv)
     console = Console(stderr=args.json)
@@ -142,38 +157,54 @@ def main(argv: list[str]) -> int:
             spare = run_ours(job, Path(tmp) / "spare", spares=1)
         with console.status("Ray Train TorchTrainer (same job)..."):
             theirs = run_raytrain(job, Path(tmp) / "raytrain")
-        with console.status("trainmem launch --launcher mpirun (first step)..."):
-            mpi = run_first_step(job, Path(tmp) / "mpirun", launcher="mpirun")
-        with console.status(f"trainmem launch, DeepSpeed ZeRO-{DEEPSPEED_STAGE} engine (first step)..."):
-            ds = run_first_step(job, Path(tmp) / "deepspeed", launcher="deepspeed")
+        mpi = ds = None
+        if not args.no_mpirun:
+            with console.status("trainmem launch --launcher mpirun (first step)..."):
+                mpi = run_first_step(job, Path(tmp) / "mpirun", launcher="mpirun")
+        if not args.no_deepspeed:
+            with console.status(f"trainmem launch, DeepSpeed ZeRO-{DEEPSPEED_STAGE} engine (first step)..."):
+                ds = run_first_step(job, Path(tmp) / "deepspeed", launcher="deepspeed")
+        tft = {"error": "skipped (--no-torchft)"}
+        if not args.no_torchft:
+            with console.status("torchft: 2 replica groups, live recovery from the peer..."):
+                tft = run_torchft(job, Path(tmp) / "torchft")
     if cold["params_sha256"] != spare["params_sha256"]:
         raise RuntimeError("the cold and spare runs ended with different parameters: recovery is not bitwise")
     table = Table(title=f"launch: GPT {args.size}, 2 workers, SIGKILL rank 1 at step {args.kill_step} "
                         f"(ours: snapshots every step; Ray Train: checkpoint every {args.every})")
-    for col in ("figure", "trainmem cold", "trainmem spare", "Ray Train", "cold / RT", "spare / RT"):
+    for col in ("figure", "trainmem cold", "trainmem spare", "Ray Train", "cold / RT", "spare / RT",
+                "torchft", "spare / TF"):
         table.add_column(col, justify="right")
     out = {"size": args.size, "steps": args.steps, "kill_step": args.kill_step, "every_steps": args.every,
            "replacement": {"cold": cold["replacement"], "spare": spare["replacement"]},
            "restored_tier": cold["restored_tier"]}
     for key in ("first_step_s", "detect_s", "recover_s", "wall_s"):
-        rt = theirs[key]
+        rt, ft = theirs[key], tft.get(key)
         table.add_row(key, f"{cold[key]:.2f}", f"{spare[key]:.2f}", f"{rt:.2f}",
-                      f"{cold[key] / rt:.2f}" if rt else "-", f"{spare[key] / rt:.2f}" if rt else "-")
+                      f"{cold[key] / rt:.2f}" if rt else "-", f"{spare[key] / rt:.2f}" if rt else "-",
+                      f"{ft:.2f}" if ft is not None else "-", f"{spare[key] / ft:.2f}" if ft else "-")
         out[key], out[f"raytrain_{key}"] = round(cold[key], 3), round(rt, 3)
         out[f"ratio_{key}"] = round(cold[key] / rt, 3) if rt else None
     out["recover_s_cold"], out["recover_s_spare"] = round(cold["recover_s"], 3), round(spare["recover_s"], 3)
     out["ratio_recover_s_spare"] = round(spare["recover_s"] / theirs["recover_s"], 3) if theirs["recover_s"] else None
     for key in ("restored_step", "lost_steps"):
-        table.add_row(key, str(cold[key]), str(spare[key]), str(theirs[key]), "", "")
+        table.add_row(key, str(cold[key]), str(spare[key]), str(theirs[key]), "", "", str(tft.get(key, "-")), "")
         out[key], out[f"raytrain_{key}"] = max(cold[key], spare[key]), theirs[key]
     for name, run in (("mpirun", mpi), ("deepspeed", ds)):
+        if run is None:
+            continue
         rt = theirs["first_step_s"]
         table.add_row(f"first_step_s ({name})", f"{run['first_step_s']:.2f}", "", f"{rt:.2f}",
-                      f"{run['first_step_s'] / rt:.2f}" if rt else "-", "")
+                      f"{run['first_step_s'] / rt:.2f}" if rt else "-", "", "", "")
         out[f"first_step_s_{name}"] = round(run["first_step_s"], 3)
         out[f"ratio_first_step_s_{name}"] = round(run["first_step_s"] / rt, 3) if rt else None
-    out["deepspeed_zero_stage"] = DEEPSPEED_STAGE
+    if ds is not None:
+        out["deepspeed_zero_stage"] = DEEPSPEED_STAGE
+    table.add_row("stall_s", "", "", "", "", "", f"{tft['stall_s']:.2f}" if "stall_s" in tft else "-", "")
+    out.update(_torchft_keys(tft, spare))
     console.print(table)
+    if "error" in tft:
+        console.print(f"torchft: {tft['error']}")
     if args.json:
         print(json.dumps(out))
     return 0
