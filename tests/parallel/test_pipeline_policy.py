@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import os
 import socket
-import weakref
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ class _BlockSavedBytes:
 
     def __init__(self, torch) -> None:
         self.depth = 0
-        self.live: dict[int, weakref.ref] = {}
+        self.live: dict[int, tuple] = {}  # data_ptr -> (StorageWeakRef, bytes)
         self.peak = 0
         self.skip: set[int] = set()
         real_hooks = torch.autograd.graph.saved_tensors_hooks
@@ -55,11 +54,15 @@ class _BlockSavedBytes:
                 mod.register_forward_hook(lambda *_: setattr(self, "depth", self.depth - 1))
 
     def saw(self, storage) -> None:
-        if storage.data_ptr() in self.skip or id(storage) in self.live:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        ptr = storage.data_ptr()
+        if ptr in self.skip:
             return
-        self.live[id(storage)] = weakref.ref(storage)
-        weakref.finalize(storage, self.live.pop, id(storage), None)
-        self.peak = max(self.peak, sum(s.nbytes() for ref in self.live.values() if (s := ref()) is not None))
+        # A storage's Python wrapper is new on every call: liveness is read from the storage itself.
+        self.live = {p: (ref, n) for p, (ref, n) in self.live.items() if not ref.expired()}
+        self.live.setdefault(ptr, (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -141,8 +144,11 @@ def test_activation_policy_inside_1f1b_meets_the_budget_and_keeps_the_gradients(
         for mode, budget in CASES:
             got = res[f"{mode}-{budget}"]
             assert got["grad_err"] < 1e-6, f"{mode} rank {r}: gradients differ by {got['grad_err']}"
-            # the policy's meter (its saved-tensor hooks); the spy's block figure ("peak") is recorded
-            # beside it but not asserted: it exceeds the no-policy peak under recompute (open question)
+            # the policy's meter (its saved-tensor hooks). The spy's block figure ("peak") is recorded beside
+            # it, not asserted: it equals the meter without a policy, but it counts every storage that went
+            # through a pack hook while anything keeps it alive (forward transients, a tensor already copied
+            # to host that the forward still holds), so it bounds device-resident bytes from above rather
+            # than measuring what autograd keeps for backward
             assert got["meter_peak"] < base, f"{mode} rank {r}: the policy freed nothing ({got} vs {base})"
             if budget is not None:
                 # the plan is for the bytes the spy measured without a policy (k microbatches in flight)
