@@ -147,7 +147,7 @@ def _torchft_keys(tft: dict, spare: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     args = _args(argv)
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=140)  # the row labels stay whole when stderr is not a tty
     job = _job(args)
     with tempfile.TemporaryDirectory(prefix="trainmem-bench-launch-") as tmp:
         (Path(tmp) / "raytrain").mkdir()
