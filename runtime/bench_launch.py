@@ -5,6 +5,8 @@ Both sides train the same GPT on the same batches with 2 workers, checkpoint to 
 process, so ``first_step_s`` includes interpreter start, imports and Ray start-up. Ours runs twice,
 with in-memory snapshots every step: the lost rank replaced by a cold start ("cold") and by a warm
 spare ("spare"); Ray Train restarts its whole group from its last reported checkpoint.
+Then the durable tier's save/restore throughput to the local disk and to S3 (``s3_save_gbps``,
+``local_save_gbps``, ...; see :mod:`trainmem.checkpoint.bench_storage`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from trainmem.checkpoint.bench_storage import durable_throughput, throughput_table
 
 from .runlog import read_jsonl
 
@@ -127,6 +131,10 @@ def main(argv: list[str]) -> int:
         table.add_row(key, str(cold[key]), str(spare[key]), str(theirs[key]), "", "")
         out[key], out[f"raytrain_{key}"] = max(cold[key], spare[key]), theirs[key]
     console.print(table)
+    with console.status("durable tier: save and restore to the local disk and to S3 (SeaweedFS)..."):
+        storage = durable_throughput(args.size)
+    out.update(storage)
+    console.print(throughput_table(storage))
     if args.json:
         print(json.dumps(out))
     return 0
