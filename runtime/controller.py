@@ -101,6 +101,7 @@ class Controller:
         self.preempted_step: int | None = None
         self.location: Location | None = None
         self._nodes_checked: set[str] = set()
+        self._sink = None
 
     def preempt(self) -> None:
         """Stop at the next common step, save it durably, and end (call from a SIGTERM handler)."""
@@ -128,7 +129,7 @@ class Controller:
                 self.snapshots.shutdown()
             if self.group is not None:
                 self.group.shutdown()
-            if getattr(self, "_sink", None) is not None:
+            if self._sink is not None:
                 ray.kill(self._sink)
             if started_ray:
                 ray.shutdown()

@@ -66,7 +66,8 @@ def _spec(run_dir, checkpoint_dir, storage=None):
         "train": {"steps": STEPS, "batch_size": 8, "lr": 3e-3, "seed": 7, "run_dir": str(run_dir)},
         "cluster": {"workers": WORLD, "cpus_per_worker": 1, "placement": "SPREAD", "hang_timeout_s": 20.0,
                     "recovery": "restart"},
-        "checkpoint": {"every_steps": 4, "keep": 3, "dir": str(checkpoint_dir), **({"storage": storage} if storage else {})},
+        "checkpoint": {"every_steps": 4, "keep": 3, "dir": str(checkpoint_dir),
+                       **({"storage": storage} if storage else {})},
     })
 
 
@@ -108,7 +109,7 @@ def _half_write_when_saved(store: DurableStore, step: int) -> threading.Thread:
 
 
 def _remove_node_at(cluster, controller, run_dir, step: int, rank: int) -> threading.Thread:
-    """Once metrics.jsonl (driver side, fed by the sink) reaches ``step``: remove the node of a rank, add a fresh one."""
+    """Once metrics.jsonl (driver side, fed by the sink) reaches ``step``: remove ``rank``'s node, add a fresh one."""
     def run() -> None:
         deadline = time.monotonic() + 120
         while not (m := read_jsonl(run_dir / "metrics.jsonl")) or m[-1]["step"] < step:
