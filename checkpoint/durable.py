@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load, save, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from .storage import Location, _fsync_dir, as_location, atomic_write_text, replace_dir  # noqa: F401 (re-exported)
 
@@ -189,18 +189,30 @@ class DurableStore:
             return None
         manifest = self.read_manifest(step)
         folder = self.location.child(self.step_name(step))
-        blobs = {}
-        for name, info in manifest["files"].items():
-            where = folder.describe(name)
+        tensors_file = next((n for n in manifest["files"] if n.endswith(".safetensors")), None)
+        if tensors_file is None:
+            raise CheckpointCorrupt(f"{folder.describe(_MANIFEST)}: lists no .safetensors file")
+        blobs = {name: self._verified(folder, name, info) for name, info in manifest["files"].items()}
+        tensors = load(blobs[tensors_file]) if folder.local is None else load_file(str(folder.local / tensors_file))
+        return LoadedCheckpoint(step=step, tensors=tensors, meta=manifest["meta"])
+
+    @staticmethod
+    def _verified(folder: Location, name: str, info: dict[str, Any]) -> bytes | None:
+        """Check size and sha256 of one listed file: its bytes from S3; locally None (hashed as it streams,
+        then memory-mapped by safetensors rather than copied)."""
+        where = folder.describe(name)
+        if folder.local is not None:
+            path = folder.local / name
+            if not path.is_file():
+                raise CheckpointCorrupt(f"{where}: listed in the manifest but missing")
+            size, sha, blob = path.stat().st_size, _sha256(path), None
+        else:
             try:
                 blob = folder.read_bytes(name)
             except FileNotFoundError:
                 raise CheckpointCorrupt(f"{where}: listed in the manifest but missing") from None
-            if len(blob) != info["bytes"] or hashlib.sha256(blob).hexdigest() != info["sha256"]:
-                raise CheckpointCorrupt(f"{where}: checksum mismatch (torn or corrupted write; "
-                                        f"{len(blob)} bytes, manifest says {info['bytes']})")
-            blobs[name] = blob
-        tensors_file = next((n for n in blobs if n.endswith(".safetensors")), None)
-        if tensors_file is None:
-            raise CheckpointCorrupt(f"{folder.describe(_MANIFEST)}: lists no .safetensors file")
-        return LoadedCheckpoint(step=step, tensors=load(blobs[tensors_file]), meta=manifest["meta"])
+            size, sha = len(blob), hashlib.sha256(blob).hexdigest()
+        if size != info["bytes"] or sha != info["sha256"]:
+            raise CheckpointCorrupt(f"{where}: checksum mismatch (torn or corrupted write; "
+                                    f"{size} bytes, manifest says {info['bytes']})")
+        return blob
