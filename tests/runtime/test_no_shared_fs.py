@@ -1,7 +1,7 @@
 """Nodes that share no filesystem: a local checkpoint path is refused with the fix named; on S3 a node loss
 falls back to the durable tier, skips a half-written object, and ends bitwise equal to an uninterrupted run.
 
-One node of the cluster is a raylet started (``ray start``) in its own mount namespace with a
+One node of the cluster is a raylet started in its own mount namespace (``unshare --mount``) with a
 private tmpfs over the checkpoint path: it sees a different folder there than the driver does,
 as a node of a real cluster without a shared mount would.
 """
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -42,16 +43,13 @@ def cluster(private_path, tmp_path_factory):
                                                       "include_dashboard": False})
     for _ in range(WORLD - 1):
         c.add_node(num_cpus=1, object_store_memory=80 * _MB)
-    ray_start = (f"{sys.executable} -c 'import sys; from ray.scripts.scripts import main; sys.argv[0] = \"ray\"; "
-                 f"main()' start --address={c.address} --node-ip-address=127.0.0.1 --num-cpus=1 "
-                 f"--object-store-memory={80 * _MB} --block")
-    log = tmp_path_factory.mktemp("unshared-log") / "ray-start.log"
-    # `ray start --address` refuses to join unless Ray's cluster mode is on; the node stays on 127.0.0.1.
+    log = tmp_path_factory.mktemp("unshared-log") / "node.log"
+    script = Path(__file__).with_name("_unshared_node.py")
+    node = f"{sys.executable} {script} {c.address} {c.redis_address or '-'} 1 {80 * _MB}"
     unshared = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f"mount -t tmpfs trainmem-private {private_path} && exec {ray_start}"],
-        start_new_session=True, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1"))
+         f"mount -t tmpfs trainmem-private {private_path} && exec {node}"],
+        start_new_session=True, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     ray.init(address=c.address, namespace="trainmem-tests", log_to_driver=False)
     deadline = time.monotonic() + 60
     while sum(n["Alive"] for n in ray.nodes()) < WORLD + 1:
