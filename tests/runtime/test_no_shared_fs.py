@@ -58,16 +58,20 @@ def cluster(private_path, tmp_path_factory):
     yield c
     ray.shutdown()
     os.killpg(unshared.pid, signal.SIGTERM)
-    unshared.wait(30)
+    try:
+        unshared.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(unshared.pid, signal.SIGKILL)
+        unshared.wait(10)
     c.shutdown()
 
 
-def _spec(run_dir, checkpoint_dir, storage=None):
+def _spec(cluster, run_dir, checkpoint_dir, storage=None):
     return load_spec(None, {
         "model": {"size": "tiny"},
         "train": {"steps": STEPS, "batch_size": 8, "lr": 3e-3, "seed": 7, "run_dir": str(run_dir)},
-        "cluster": {"workers": WORLD, "cpus_per_worker": 1, "placement": "SPREAD", "hang_timeout_s": 20.0,
-                    "recovery": "restart"},
+        "cluster": {"address": cluster.address, "workers": WORLD, "cpus_per_worker": 1, "placement": "SPREAD",
+                    "hang_timeout_s": 20.0, "recovery": "restart"},
         "checkpoint": {"every_steps": 4, "keep": 3, "dir": str(checkpoint_dir),
                        **({"storage": storage} if storage else {})},
     })
@@ -80,7 +84,7 @@ def _storage(s3_server):
 
 
 def test_a_local_path_some_node_does_not_see_is_refused_naming_the_fix(cluster, private_path, tmp_path):
-    spec = _spec(tmp_path / "run", private_path / "ck")
+    spec = _spec(cluster, tmp_path / "run", private_path / "ck")
     t0 = time.monotonic()
     with pytest.raises(LocationNotShared) as refused:
         Controller(spec).run()
@@ -128,8 +132,8 @@ def _remove_node_at(cluster, controller, run_dir, step: int, rank: int) -> threa
 
 
 def test_on_s3_a_node_loss_restores_from_the_durable_tier_past_a_torn_object_bitwise(cluster, s3_server, tmp_path):
-    baseline = Controller(_spec(tmp_path / "base", s3_server.uri("base"), _storage(s3_server))).run()
-    spec = _spec(tmp_path / "run", s3_server.uri("faulted"), _storage(s3_server))
+    baseline = Controller(_spec(cluster, tmp_path / "base", s3_server.uri("base"), _storage(s3_server))).run()
+    spec = _spec(cluster, tmp_path / "run", s3_server.uri("faulted"), _storage(s3_server))
     store = DurableStore(Location(spec.checkpoint_uri, spec.checkpoint.storage))
     controller = Controller(spec)
     torn = _half_write_when_saved(store, 8)
