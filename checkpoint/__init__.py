@@ -3,7 +3,9 @@
 Tiers, fastest first: in-memory erasure-coded snapshots kept by per-node holders
 (:class:`SnapshotWriter` → :class:`SnapshotHolder` shared memory, committed by
 :class:`SnapshotCoordinator`; in a job: :class:`SnapshotService` + :class:`RankSnapshots`),
-the zstd flush tier (:class:`FlushStore`), and the durable safetensors tier (:class:`DurableStore`).
+the zstd flush tier (:class:`FlushStore`), and the durable safetensors tier (:class:`DurableStore`),
+which writes to a :class:`Location`: a local folder or s3://bucket/prefix (:class:`StorageConfig`);
+:func:`check_location_shared` checks at start that every node sees the same one.
 A restart walks every tier's candidates newest step first (:mod:`.restore`) until every rank
 reads an intact one.
 
@@ -14,7 +16,7 @@ for torch when it only needs numpy and Ray.
 from importlib import import_module
 from typing import Any
 
-from .config import CheckpointConfig, ECConfig
+from .config import CheckpointConfig, ECConfig, StorageConfig
 
 _WHERE = {
     "CheckpointCorrupt": "durable", "DurableStore": "durable", "LoadedCheckpoint": "durable",
@@ -33,11 +35,13 @@ _WHERE = {
     "dp_source_rank": "reshard", "flat_shard": "reshard", "reshard_flat": "reshard", "reshard_states": "reshard",
     "Candidate": "restore", "disk_candidates": "restore", "durable_reader": "restore", "existing_state": "restore",
     "flush_reader": "restore", "ordered": "restore",
+    "Location": "storage", "is_uri": "storage",
+    "LocationNotShared": "location_check", "check_location_shared": "location_check",
     "SnapshotService": "session", "RankSnapshots": "rank",
     "flatten_training_state": "state", "restore_training_state": "state",
 }
 
-__all__ = ["CheckpointConfig", "ECConfig", *_WHERE]
+__all__ = ["CheckpointConfig", "ECConfig", "StorageConfig", *_WHERE]
 
 
 def __getattr__(name: str) -> Any:

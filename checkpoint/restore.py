@@ -12,7 +12,6 @@ fragment and step.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,10 +20,12 @@ import torch
 
 from .durable import CheckpointCorrupt, DurableStore
 from .flush import FlushStore
+from .storage import Location, as_location
 
 TIERS = ("memory", "flush", "durable")  # fastest first
 FLUSH_SUBDIR = "snapshots"
 StateReader = Callable[[int], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+Where = str | Path | Location
 
 
 @dataclass
@@ -57,32 +58,37 @@ def ordered(candidates: list[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=lambda c: (-c.step, TIERS.index(c.tier)))
 
 
-def durable_stores(checkpoint_dir: Path) -> tuple[str, dict[int, DurableStore]]:
+def durable_stores(checkpoint: Where) -> tuple[str, dict[int, DurableStore]]:
     """('per-rank', {rank: store}) when rank-<r>/ stores exist, else ('shared', {0: the root store})."""
-    per_rank = {int(p.name.split("-", 1)[1]): DurableStore(p) for p in sorted(checkpoint_dir.glob("rank-*"))
-                if p.name.split("-", 1)[1].isdigit()}
-    return ("per-rank", per_rank) if per_rank else ("shared", {0: DurableStore(checkpoint_dir)})
+    location = as_location(checkpoint)
+    per_rank = {int(name[5:]): DurableStore(location.child(name)) for name in location.names()
+                if name.startswith("rank-") and name[5:].isdigit()}
+    return ("per-rank", per_rank) if per_rank else ("shared", {0: DurableStore(location)})
 
 
 def _manifest_world(store: DurableStore, step: int) -> int | None:
     try:
-        meta = json.loads((store.step_dir(step) / "manifest.json").read_text()).get("meta", {})
-        return int(meta["world"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(store.read_manifest(step).get("meta", {})["world"])
+    except (OSError, ValueError, KeyError, TypeError, CheckpointCorrupt):
         return None  # unreadable: let the rank's verified read reject it with the file named
 
 
-def disk_candidates(checkpoint_dir: str | Path, world: int) -> list[Candidate]:
+def _flush_store(location: Location) -> FlushStore | None:
+    """The flush tier lives only in a local (or shared-mount) folder."""
+    return FlushStore(location.local / FLUSH_SUBDIR) if location.local is not None else None
+
+
+def disk_candidates(checkpoint: Where, world: int) -> list[Candidate]:
     """Durable steps every saving rank has, and flushed snapshots, as candidates (unverified)."""
-    checkpoint_dir = Path(checkpoint_dir)
+    location = as_location(checkpoint)
     out: list[Candidate] = []
-    layout, stores = durable_stores(checkpoint_dir)
+    layout, stores = durable_stores(location)
     steps = set.intersection(*(set(s.steps()) for s in stores.values())) if stores else set()
     for step in steps:
         any_store = next(iter(stores.values()))
         out.append(Candidate("durable", step, _manifest_world(any_store, step) or world, layout))
-    flush = FlushStore(checkpoint_dir / FLUSH_SUBDIR)
-    for step in flush.steps():
+    flush = _flush_store(location)
+    for step in flush.steps() if flush is not None else []:
         try:
             saved_world = flush.load_manifest_world(step)
         except (OSError, ValueError, KeyError, CheckpointCorrupt):
@@ -91,39 +97,41 @@ def disk_candidates(checkpoint_dir: str | Path, world: int) -> list[Candidate]:
     return ordered(out)
 
 
-def existing_state(checkpoint_dir: str | Path) -> list[str]:
+def existing_state(checkpoint: Where) -> list[str]:
     """What a fresh launch would clobber: any tier's step markers or step folders, as readable names."""
-    checkpoint_dir = Path(checkpoint_dir)
+    location = as_location(checkpoint)
     found = []
-    layout, stores = durable_stores(checkpoint_dir)
+    layout, stores = durable_stores(location)
     for rank, store in stores.items():
         if store.steps() or store.latest_step() is not None:
-            found.append(f"durable checkpoints in {store.root}")
-    flush = FlushStore(checkpoint_dir / FLUSH_SUBDIR)
-    if flush.steps() or (flush.root / "SNAPSHOT-LATEST").exists():
+            found.append(f"durable checkpoints in {store.location.uri}")
+    flush = _flush_store(location)
+    if flush is not None and (flush.steps() or (flush.root / "SNAPSHOT-LATEST").exists()):
         found.append(f"flushed snapshots in {flush.root}")
     return found
 
 
-def durable_reader(checkpoint_dir: str | Path, cand: Candidate) -> StateReader:
+def durable_reader(checkpoint: Where, cand: Candidate) -> StateReader:
     """read(r): the verified durable state of old rank r's store (the shared store for replicas)."""
-    checkpoint_dir = Path(checkpoint_dir)
+    location = as_location(checkpoint)
 
     def read(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        root = checkpoint_dir / f"rank-{rank}" if cand.layout == "per-rank" else checkpoint_dir
+        root = location.child(f"rank-{rank}") if cand.layout == "per-rank" else location
         loaded = DurableStore(root).load(cand.step)
         if loaded is None:
-            raise CheckpointCorrupt(f"{root}: no step {cand.step}")
+            raise CheckpointCorrupt(f"{root.uri}: no step {cand.step}")
         return loaded.tensors, loaded.meta["state"]
 
     return read
 
 
-def flush_reader(checkpoint_dir: str | Path, cand: Candidate) -> StateReader:
+def flush_reader(checkpoint: Where, cand: Candidate) -> StateReader:
     """read(r): old rank r's flushed snapshot, both checksums verified."""
     from .layout import unpack
 
-    store = FlushStore(Path(checkpoint_dir) / FLUSH_SUBDIR)
+    store = _flush_store(as_location(checkpoint))
+    if store is None:
+        raise CheckpointCorrupt(f"flush step {cand.step}: the flush tier is local only, checkpoints are on S3")
 
     def load(rank: int):
         snap = store.load(cand.step, ranks=[rank])

@@ -35,18 +35,19 @@ EventFn = Callable[..., Any]  # RunLog.event(name, **fields)
 class SnapshotService:
     """Driver side: holders (keeper), the commit coordinator, the flush tier, the in-memory candidates."""
 
-    def __init__(self, cfg: CheckpointConfig, *, world: int, run_dir: str | Path, checkpoint_dir: str | Path,
+    def __init__(self, cfg: CheckpointConfig, *, world: int, run_dir: str | Path, checkpoint_dir: str | Path | None,
                  event: EventFn, replica_groups: list[list[int]] | None = None):
-        """``replica_groups``: ranks holding identical state (data-parallel replicas); default: none."""
+        """``replica_groups``: ranks holding identical state (data-parallel replicas); default: none.
+        ``checkpoint_dir``: the local checkpoint folder (the flush tier's parent); None when checkpoints are on S3."""
         self.cfg, self.world = cfg, world
         self.groups = replica_groups or [[r] for r in range(world)]
         self.striped = cfg.stripe_replicas and any(len(g) > 1 for g in self.groups)
-        self.checkpoint_dir = Path(checkpoint_dir)
         run_id = hashlib.sha1(f"{Path(run_dir).resolve()}:{time.time_ns()}".encode()).hexdigest()[:10]
         self._event = event
         self.keeper = HolderKeeper(cfg, run_id, event)
         self.coord: SnapshotCoordinator | None = None
-        self.flush_store = FlushStore(self.checkpoint_dir / FLUSH_SUBDIR, keep=cfg.keep, min_ratio=cfg.flush_min_ratio)
+        self.flush_store = (FlushStore(Path(checkpoint_dir) / FLUSH_SUBDIR, keep=cfg.keep, min_ratio=cfg.flush_min_ratio)
+                            if checkpoint_dir is not None else None)
         self.flusher: SnapshotFlusher | None = None
 
     @property

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 import trainmem
-from trainmem.checkpoint import CheckpointCorrupt, existing_state
+from trainmem.checkpoint import CheckpointCorrupt, Location, LocationNotShared, existing_state
 from trainmem.checkpoint.durable import atomic_write_text
 from trainmem.runtime.config import JobSpec, check_environment, load_spec, resolve_paths
 from trainmem.runtime.failure import InjectedFailure
@@ -85,9 +85,12 @@ def resolve_spec(args) -> JobSpec:
         raise UsageError("trainmem launch: a job file is required (fix: trainmem launch JOB.toml, or --resume RUN_DIR)")
     spec = load_spec(args.job, overrides)
     try:
-        found = existing_state(spec.checkpoint_dir)
+        found = existing_state(Location(spec.checkpoint_uri, spec.checkpoint.storage))
     except CheckpointCorrupt as e:
         found = [f"unreadable checkpoint state ({e})"]
+    except OSError as e:  # S3: no such bucket, access denied, endpoint down
+        raise ConfigError(args.job, "checkpoint.dir", f"{spec.checkpoint_uri} cannot be read ({first_line(e)})",
+                          "check the bucket, [checkpoint.storage] endpoint and the AWS_* credentials") from None
     if found:
         raise ConfigError(
             args.job, "train.run_dir", f"{spec.run_dir} already holds {' and '.join(found)}",
@@ -164,6 +167,10 @@ def _run(spec: JobSpec, args, t0: float, address: str | None = None) -> int:
             progress.stop()
             print(f"trainmem launch: {e}", file=sys.stderr)
             return 1
+        except LocationNotShared as e:  # refused before any rank started: a layout to fix, not a crash
+            progress.stop()
+            print(f"trainmem launch: {e}", file=sys.stderr)
+            return 2
         except Exception as e:  # a fault of ours: one line for the user, the traceback in the run's logs
             progress.stop()
             log = write_traceback(spec.run_dir / "logs" / "driver.log", e)

@@ -8,6 +8,8 @@ spare ("spare"); Ray Train restarts its whole group from its last reported check
 (``bench_torchft``) restarts only the lost replica group and heals it live from its peer. Two more
 short runs of ours time the first step only: under ``mpirun -n 2 ... --launcher mpirun`` (MPI starts
 the Ray cluster) and with ``[engine] kind = "deepspeed"`` (ZeRO-2 on trainmem's group).
+Then the durable tier's save/restore throughput to the local disk and to S3 (``s3_save_gbps``,
+``local_save_gbps``, ...; see :mod:`trainmem.checkpoint.bench_storage`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .bench_torchft import run_torchft
+from trainmem.checkpoint.bench_storage import durable_throughput, throughput_table
+
 from .runlog import read_jsonl
 
 
@@ -37,6 +41,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=5, help="disk checkpoint every N steps, both sides")
     p.add_argument("--no-mpirun", action="store_true", help="skip the first-step run under mpirun")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the first-step run of the DeepSpeed engine")
+    p.add_argument("--no-storage", action="store_true", help="skip the durable tier's local vs S3 throughput")
     p.add_argument("--no-torchft", action="store_true", help="skip the torchft side (live recovery from a peer)")
     args = p.parse_args(argv)
     if args.quick:
@@ -205,6 +210,11 @@ def main(argv: list[str]) -> int:
     console.print(table)
     if "error" in tft:
         console.print(f"torchft: {tft['error']}")
+    if not args.no_storage:
+        with console.status("durable tier: save and restore to the local disk and to S3 (SeaweedFS)..."):
+            storage = durable_throughput(args.size)
+        out.update(storage)
+        console.print(throughput_table(storage))
     if args.json:
         print(json.dumps(out))
     return 0

@@ -11,14 +11,13 @@ the in-memory erasure-coded tier. Restoring walks the driver's candidates newest
 from __future__ import annotations
 
 import traceback
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
 
-from trainmem.checkpoint import (Candidate, CheckpointCorrupt, DurableStore, RankSnapshots, SnapshotUnavailable,
-                                 durable_reader, flush_reader)
+from trainmem.checkpoint import (Candidate, CheckpointCorrupt, DurableStore, Location, RankSnapshots,
+                                 SnapshotUnavailable, durable_reader, flush_reader)
 
 from .engines import Engine, StateReader
 
@@ -32,7 +31,7 @@ class CheckpointCallback(Protocol):
 class DurableCheckpoints:
     """Every ``every`` steps the first rank of each replica group saves its group's state."""
 
-    def __init__(self, root: Path, *, every: int, keep: int, saves: bool, world: int, seed: int):
+    def __init__(self, root: Location, *, every: int, keep: int, saves: bool, world: int, seed: int):
         self.store = DurableStore(root, keep=keep)
         self.every, self.saves, self.world, self.seed = every, saves, world, seed
 
@@ -77,11 +76,11 @@ def snapshot_meta(engine_meta: dict[str, Any], world: int, seed: int) -> dict[st
     return {"state": engine_meta, "world": world, "seed": seed}
 
 
-def open_reader(cand: Candidate, checkpoint_dir: Path, snapshots: RankSnapshots | None) -> StateReader:
+def open_reader(cand: Candidate, location: Location, snapshots: RankSnapshots | None) -> StateReader:
     if cand.tier == "durable":
-        return durable_reader(checkpoint_dir, cand)
+        return durable_reader(location, cand)
     if cand.tier == "flush":
-        return flush_reader(checkpoint_dir, cand)
+        return flush_reader(location, cand)
     if snapshots is None:
         raise SnapshotUnavailable(f"memory step {cand.step}: this job keeps no in-memory snapshots")
     return snapshots.reader(cand)

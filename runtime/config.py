@@ -230,8 +230,14 @@ class JobSpec:
         return Path(self.train.run_dir)
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+    def checkpoint_uri(self) -> str:
+        """Where checkpoints go: s3://bucket/prefix, or a local folder's absolute path."""
+        return self.checkpoint.dir or str(self.run_dir / "checkpoints")
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """The local checkpoint folder; None when checkpoints go to S3."""
+        return None if "://" in self.checkpoint_uri else Path(self.checkpoint_uri)
 
 
 def placement_plan(spec: JobSpec):
@@ -264,7 +270,7 @@ def resolve_paths(spec: JobSpec, job_name: str) -> None:
     if not spec.train.run_dir:
         spec.train.run_dir = f"runs/{job_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     spec.train.run_dir = str(Path(spec.train.run_dir).expanduser().resolve())
-    if spec.checkpoint.dir:
+    if spec.checkpoint.dir and "://" not in spec.checkpoint.dir:
         spec.checkpoint.dir = str(Path(spec.checkpoint.dir).expanduser().resolve())
     spec.data.cache_dir = str(Path(spec.data.cache_dir).expanduser().resolve())
 

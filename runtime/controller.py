@@ -13,6 +13,7 @@ ranks walk those candidates until they all read one.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import signal
 import threading
@@ -22,13 +23,13 @@ from typing import Any, Callable
 
 import ray
 
-from trainmem.checkpoint import Candidate, SnapshotService, disk_candidates, ordered
+from trainmem.checkpoint import Candidate, Location, SnapshotService, check_location_shared, disk_candidates, ordered
 
 from .config import JobSpec
 from .cluster import connect_ray
 from .engines import replica_groups
 from .failure import Decision, FailurePolicy, InjectedFailure
-from .runlog import RunLog, read_jsonl
+from .runlog import RunLog, read_jsonl, start_sink
 from .spares import SparePool
 from .worker import rank_log_path
 from .worker_group import GroupFailure, WorkerGroup
@@ -98,6 +99,9 @@ class Controller:
         self.spares: SparePool | None = None
         self._preempt = threading.Event()
         self.preempted_step: int | None = None
+        self.location: Location | None = None
+        self._nodes_checked: set[str] = set()
+        self._sink = None
 
     def preempt(self) -> None:
         """Stop at the next common step, save it durably, and end (call from a SIGTERM handler)."""
@@ -112,6 +116,8 @@ class Controller:
         self.log.event("job_started", workers=self.spec.cluster.workers, steps=self.spec.train.steps,
                        ray_address=self.spec.cluster.address or "embedded")
         try:
+            self._open_location()
+            self._sink = start_sink(self.spec.run_dir)  # ranks' metrics and events reach run_dir through it
             self._start_snapshots()  # holders start before any trainer
             if self.spec.cluster.spares:
                 self.spares = SparePool(self.spec, self.inject)
@@ -123,11 +129,32 @@ class Controller:
                 self.snapshots.shutdown()
             if self.group is not None:
                 self.group.shutdown()
+            if self._sink is not None:
+                ray.kill(self._sink)
             if started_ray:
                 ray.shutdown()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return self._result(results)
+
+    def _open_location(self) -> None:
+        """The checkpoint location, with this process's AWS_* credentials resolved for ranks on other nodes."""
+        storage = self.spec.checkpoint.storage.resolved()
+        self.spec = dataclasses.replace(self.spec, checkpoint=dataclasses.replace(self.spec.checkpoint,
+                                                                                  storage=storage))
+        self.location = Location(self.spec.checkpoint_uri, storage)
+        self._check_location()
+
+    def _check_location(self) -> None:
+        """Every node not yet checked must read the driver's sentinel (refused before any rank starts).
+
+        The driver's own node sees what the driver sees; an embedded cluster has no other."""
+        if not self._nodes_checked:
+            self._nodes_checked.add(ray.get_runtime_context().get_node_id())
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in self._nodes_checked]
+        if nodes:
+            check_location_shared(self.location, nodes, timeout_s=self.spec.checkpoint.storage.check_timeout_s)
+            self._nodes_checked.update(nodes)
 
     def _start_snapshots(self) -> None:
         if not self.spec.checkpoint.snapshot_every:
@@ -156,12 +183,14 @@ class Controller:
             self.snapshots.settle()
             if attempt > 0:
                 candidates += self.snapshots.memory_candidates()
-        candidates += disk_candidates(self.spec.checkpoint_dir, self.spec.cluster.workers)
+        candidates += disk_candidates(self.location, self.spec.cluster.workers)
         return {"candidates": [c.to_json() for c in ordered(candidates)],
                 "snapshots": self.snapshots.rank_plan() if self.snapshots is not None else None}
 
     def _run_one(self, attempt: int, replace: GroupFailure | None) -> list[dict[str, Any]]:
         t_start = time.time()
+        if attempt:
+            self._check_location()  # a node that joined since: its ranks must see the same checkpoints
         if replace is None:
             self.state = JobState.STARTING
             self.group = WorkerGroup(self.spec, attempt, self.inject)
@@ -188,7 +217,7 @@ class Controller:
                        start_s=round(time.time() - t_start, 3), pids=self.group.pids())
         if step:
             self.log.event("restored", attempt=attempt, step=step, tier=restored[0]["tier"],
-                           dir=str(self.spec.checkpoint_dir))
+                           dir=self.spec.checkpoint_uri)
         self.group.start_training()
         self.state = JobState.RUNNING
         while True:
@@ -235,7 +264,7 @@ class Controller:
             return []
         self.preempted_step = results[0]["steps"]
         self.log.event("preempted", step=self.preempted_step, save_s=round(time.time() - t0, 3),
-                       dir=str(self.spec.checkpoint_dir))
+                       dir=self.spec.checkpoint_uri)
         return results
 
     def _repair_stripes(self, failed: list[int], healthy: dict[int, dict[str, Any]]) -> None:

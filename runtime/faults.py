@@ -125,12 +125,14 @@ def truncate_durable(controller, fault: Fault) -> None:
     reject it (checksum) and walk back to an older step."""
     from trainmem.checkpoint import DurableStore
 
-    store = DurableStore(controller.spec.checkpoint_dir)
+    store = DurableStore(controller.location)
     steps = store.steps()
     if steps:
-        path = store.step_dir(steps[-1]) / "state.safetensors"
-        os.truncate(path, path.stat().st_size // 2)
-        fault.detail.update(file=str(path), step=steps[-1])
+        folder = store.location.child(store.step_name(steps[-1]))
+        name = next(iter(store.read_manifest(steps[-1])["files"]))
+        data = folder.read_bytes(name)
+        folder.write_bytes(name, data[: len(data) // 2])  # a half-written object, on disk or on S3
+        fault.detail.update(file=folder.describe(name), step=steps[-1])
     kill_trainer(controller, fault)
 
 

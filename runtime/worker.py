@@ -34,7 +34,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from trainmem.checkpoint import Candidate, RankSnapshots
+from trainmem.checkpoint import Candidate, Location, RankSnapshots
 from trainmem.memory_services import maybe_init_memory
 from trainmem.offload import ActivationPolicy
 
@@ -46,7 +46,7 @@ from .engines import build_engine
 from .failure import InjectedFailure
 from .models import build
 from .rendezvous import RendezvousListener, init_group, is_collective_failure
-from .runlog import RunLog
+from .runlog import SinkClient
 from .telemetry import GpuTelemetry
 
 STOP_KEY = "trainmem/stop-after-step"
@@ -106,7 +106,8 @@ class Worker:
         self._interrupt = threading.Event()
         self._stop_requested = threading.Event()
         self.device = torch.device("cpu")
-        self.log = RunLog(spec.run_dir)
+        self.log = SinkClient(spec.run_dir)  # the run log on the driver's node; run_dir may not be shared
+        self.location = Location(spec.checkpoint_uri, spec.checkpoint.storage)
         self.snapshots: RankSnapshots | None = None
         self.engine = None
         self.model = None
@@ -246,7 +247,7 @@ class Worker:
         self._enter("restore")
         candidates = [Candidate.from_json(c) for c in restore["candidates"]]
         result = walk_restore(self.engine, candidates,
-                              lambda c: open_reader(c, spec.checkpoint_dir, self.snapshots), self.rank)
+                              lambda c: open_reader(c, self.location, self.snapshots), self.rank)
         if result["step"] is not None and (loaded := maybe_init_memory(self.model, spec.model, result["step"])):
             self._event("memory_init", rank=self.rank, step=result["step"], **loaded)  # --init-memory-from
         with self._lock:
@@ -258,7 +259,7 @@ class Worker:
         spec, seed = self.spec, self.spec.train.seed
         savers = self._group_savers()
         shared = len(set(savers)) == 1
-        root = spec.checkpoint_dir if shared else spec.checkpoint_dir / f"rank-{self.rank}"
+        root = self.location if shared else self.location.child(f"rank-{self.rank}")
         self.durable = DurableCheckpoints(root, every=spec.checkpoint.every_steps, keep=spec.checkpoint.keep,
                                           saves=savers[self.rank] == self.rank, world=self.world, seed=seed)
         callbacks: list[CheckpointCallback] = [self.durable]
@@ -341,7 +342,7 @@ class Worker:
             }
             if self.snapshots is not None:
                 record["snapshots_skipped"] = self.snapshots.writer.skipped
-            if self.rank == 0:  # written here, not by the driver, so a crash loses no finished step's line
+            if self.rank == 0:  # sent now, not at the next poll, so a crash loses no finished step's line
                 self.log.metric(record)
             with self._lock:
                 self._pending_metrics.append(record)
@@ -411,7 +412,7 @@ class Worker:
     def _maybe_inject(self, step: int) -> None:
         if self.inject is None or step != self.inject.step or self.attempt != 0:
             return
-        # Written straight to events.jsonl: the process may be gone before the next health poll.
+        # Sent (and waited for) now: the process may be gone before the next health poll.
         self.log.event("failure_injected", rank=self.rank, step=step, kind=self.inject.kind, pid=os.getpid())
         if self.inject.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -9,8 +9,9 @@ pytestmark = pytest.mark.slow
 
 def test_bench_launch_quick_prints_json_beside_ray_train(capsys):
     # the mpirun, DeepSpeed and torchft runs have their own tests (test_mpirun, test_deepspeed_job,
-    # test_bench_torchft); here they are skipped to keep the suite short
-    assert main(["bench", "launch", "--quick", "--json", "--no-mpirun", "--no-deepspeed", "--no-torchft"]) == 0
+    # test_bench_torchft, test_s3_durable); here they are skipped to keep the suite short
+    assert main(["bench", "launch", "--quick", "--json", "--no-mpirun", "--no-deepspeed", "--no-torchft",
+                 "--no-storage"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
     for key in ("first_step_s", "detect_s", "recover_s"):
