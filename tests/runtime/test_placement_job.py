@@ -3,8 +3,6 @@ and a checkpoint written at world 2 continues at world 1 bitwise."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from trainmem.runtime import Controller, InjectedFailure, load_spec
