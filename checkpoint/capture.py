@@ -168,6 +168,11 @@ class SnapshotWriter:
         """The driver replaced or added holders: later snapshots go to this set."""
         self.holders, self.home = holders, home
 
+    @property
+    def staging_pinned(self) -> bool | None:
+        """Whether the CUDA staging buffers are pinned host memory (None: no CUDA state captured yet)."""
+        return all(t.is_pinned() for t in self._cuda_staging) if self._cuda_staging else None
+
     def close(self) -> None:
         self._pass_q.put(None)
         for t in self._threads:

@@ -11,8 +11,10 @@ ninja, as DeepSpeed's CPU ops are); without a compiler the torch path is used an
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import os
 import threading
 
 import torch
@@ -232,6 +234,28 @@ def _cpu_tag() -> str:
     return hashlib.sha1((flags + torch.__version__).encode()).hexdigest()[:10]
 
 
+def _build():
+    """Compile (or load the cached build of) the op. torch's own build lock is a file that a process
+    killed mid-compile leaves behind, and every later build then waits on it for ever; an fcntl lock,
+    which the kernel drops with its holder, guards the build instead, and a baton found while holding
+    it is stale by construction."""
+    from torch.utils.cpp_extension import get_default_build_root, load_inline
+
+    name = f"trainmem_pk_select_{_cpu_tag()}"
+    build_dir = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "trainmem.lock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            os.unlink(os.path.join(build_dir, "lock"))
+        except FileNotFoundError:
+            pass
+        module = load_inline(name=name, cpp_sources=_SOURCE, functions=["pk_select"], build_directory=build_dir,
+                             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                             verbose=False)
+    return module.pk_select
+
+
 def kernel():
     """The compiled selection op, or None when it cannot be built here (the torch path is used)."""
     if "op" in _state:
@@ -239,14 +263,7 @@ def kernel():
     with _lock:
         if "op" not in _state:
             try:
-                from torch.utils.cpp_extension import load_inline
-
-                module = load_inline(
-                    name=f"trainmem_pk_select_{_cpu_tag()}", cpp_sources=_SOURCE, functions=["pk_select"],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-                _state["op"] = module.pk_select
+                _state["op"] = _build()
             except Exception as e:  # no compiler, or a failed build: correct but slower
                 log.warning("product-key CPU kernel unavailable (%s); using torch.topk", str(e).splitlines()[0][:200])
                 _state["op"] = None

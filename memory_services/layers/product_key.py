@@ -127,6 +127,7 @@ class ProductKeyMemory(nn.Module):
         needs_out = cfg.gated or cfg.value_dim != cfg.d_model
         self.out = nn.Linear(cfg.value_dim, cfg.d_model, bias=False) if needs_out else None
         self.reset_parameters()
+        pk_select.kernel()  # compiled (or loaded) now, at model build, not inside a timed training step
 
     def _local_value_dim(self) -> int:
         return self.cfg.value_dim

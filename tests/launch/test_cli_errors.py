@@ -22,8 +22,8 @@ BAD_SPECS = {
     "bool for int": ("[train]\nbatch_size = true\n", "train.batch_size", "integer"),
     "bad backend": ('[cluster]\nbackend = "mpi"\n', "cluster.backend", "gloo"),
     "bad toml": ("[train\nsteps = 1\n", "<syntax>", "TOML"),
-    "offload inside a pipeline": ('[pipeline]\nstages = 2\nmicrobatches = 2\n[memory]\nactivations = "offload"\n',
-                                  "memory.activations", "recompute"),
+    "two offloads inside a pipeline": ('[pipeline]\nstages = 2\nmicrobatches = 2\noffload = "selective"\n'
+                                       '[memory]\nactivations = "offload"\n', "memory.activations", "pick one"),
     "pipeline stages vs workers": ("[pipeline]\nstages = 3\n", "pipeline.stages", "cluster.workers"),
     "negative keep": ("[checkpoint]\nkeep = 0\n", "checkpoint.keep", ">= 1"),
 }
