@@ -35,7 +35,7 @@ _WHERE = {
     "dp_source_rank": "reshard", "flat_shard": "reshard", "reshard_flat": "reshard", "reshard_states": "reshard",
     "Candidate": "restore", "disk_candidates": "restore", "durable_reader": "restore", "existing_state": "restore",
     "flush_reader": "restore", "ordered": "restore",
-    "Location": "storage", "is_uri": "storage",
+    "Location": "storage", "is_uri": "storage", "atomic_write_bytes": "storage", "fsync_dir": "storage",
     "LocationNotShared": "location_check", "check_location_shared": "location_check",
     "SnapshotService": "session", "RankSnapshots": "rank",
     "flatten_training_state": "state", "restore_training_state": "state",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, load_file, save, save_file
 
-from .storage import Location, _fsync_dir, as_location, atomic_write_text, replace_dir  # noqa: F401 (re-exported)
+from .storage import Location, fsync_dir, as_location, atomic_write_text, replace_dir  # noqa: F401 (re-exported)
 
 _STATE_FILE = "state.safetensors"
 _MANIFEST = "manifest.json"
@@ -130,9 +130,9 @@ class DurableStore:
             os.fsync(f.fileno())
         manifest = self._manifest(step, _STATE_FILE, state_path.stat().st_size, _sha256(state_path), meta)
         atomic_write_text(tmp / _MANIFEST, manifest.decode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         replace_dir(tmp, root / self.step_name(step))
-        _fsync_dir(root)
+        fsync_dir(root)
 
     def _save_objects(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         folder = self.location.child(self.step_name(step))

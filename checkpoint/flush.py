@@ -25,7 +25,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .durable import CheckpointCorrupt, _fsync_dir, atomic_write_text, read_manifest, read_step_marker, replace_dir
+from .durable import CheckpointCorrupt, fsync_dir, atomic_write_text, read_manifest, read_step_marker, replace_dir
 from .layout import SnapshotLayout
 
 _FORMAT = "trainmem-snapshot-v2"
@@ -110,10 +110,10 @@ class FlushStore:
             entries[str(rank)] = {**self._write_rank(tmp, rank, raw), "layout": r.layout.to_json(), "meta": r.meta}
         manifest = {"format": _FORMAT, "step": step, "world": world or len(ranks), "ranks": entries}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, sort_keys=True))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = self._dir(step)
         replace_dir(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         atomic_write_text(self.root / _LATEST, str(step))
         for old in self.steps()[: -self.keep]:
             shutil.rmtree(self._dir(old), ignore_errors=True)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from trainmem.checkpoint import atomic_write_bytes, fsync_dir  # noqa: F401 (the store's writes, re-exported)
 
 MAGIC = b"TMF1"
 _HEADER = struct.Struct("<4sII")
@@ -110,25 +111,6 @@ def read_frames(path: Path, offset: int) -> FrameScan:
         pos = start + length
         scan.end = offset + pos
     return scan
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp + fsync + rename + fsync(dir): readers see the old bytes or the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass
