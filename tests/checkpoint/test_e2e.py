@@ -213,7 +213,10 @@ def test_corrupted_fragment_is_detected_and_decoded_around(cluster):
     with pytest.raises(SnapshotUnavailable, match=r"rank 0 step 1: .*fragment 0.*fragment 1"):
         fetch_snapshot(holders, 1, 0, home=0)
     plan = coord.plan_restore()  # the verified inventory sees it too: the older complete step is chosen
-    assert plan["source"] == "memory" and plan["step"] == 0
+    kept = {h: ray.get(handle.inventory.remote()) for h, handle in enumerate(holders.handles)}
+    assert plan["source"] == "memory" and plan["step"] == 0, (
+        f"plan {plan}; coordinator complete {coord.complete_steps()}; holders' inventories {kept}; "
+        f"dead {holders.dead}, suspect {holders.suspect}")
     writer.close()
     holders.close()
     assert not glob.glob("/dev/shm/tmck-corrupt-*")
