@@ -59,6 +59,7 @@ class _Job:
     reserved: dict[int, dict[int, str]] = field(default_factory=dict)
     sums: list[int] = field(default_factory=list)
     m: int = 0
+    staging_rows: dict[int, np.ndarray] | None = None  # rows shipped to other nodes; this job's own
 
 
 @dataclass
@@ -92,7 +93,11 @@ class SnapshotWriter:
         self._plan: RowPlan | None = None
         self._codecs: dict[int, RSCodec] = {}
         self._maps = SegmentMaps()
-        self._staging_rows: dict[int, np.ndarray] = {}
+        # Sets of rows for fragments shipped to other nodes, one set per job in flight: a set goes back
+        # only when its job's fragments are handed over, so the next pass never overwrites bytes still
+        # waiting to be shipped.
+        self._spare_rows: list[dict[int, np.ndarray]] = []
+        self._rows_lock = threading.Lock()
         self._cuda_staging: list[torch.Tensor] = []
         self._stream = None
         self._jobs: list[_Job] = []
@@ -264,6 +269,10 @@ class SnapshotWriter:
                                             f"{type(e).__name__}: {e}")
             finally:
                 job.tensors = {}
+                if job.staging_rows is not None:
+                    with self._rows_lock:
+                        self._spare_rows.append(job.staging_rows)
+                    job.staging_rows = None
                 job.done.set()
 
     def _pass(self, job: _Job) -> None:
@@ -322,9 +331,12 @@ class SnapshotWriter:
             if path is not None:
                 rows.append(self._maps.view(path, layout.frag_len))
             else:
-                buf = self._staging_rows.get(j)
+                if job.staging_rows is None:
+                    with self._rows_lock:
+                        job.staging_rows = self._spare_rows.pop() if self._spare_rows else {}
+                buf = job.staging_rows.get(j)
                 if buf is None or buf.nbytes != layout.frag_len:
-                    buf = self._staging_rows[j] = np.zeros(layout.frag_len, np.uint8)
+                    buf = job.staging_rows[j] = np.zeros(layout.frag_len, np.uint8)
                 rows.append(buf)
         return rows
 
