@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import ray
+
 from .config import JobSpec
 from .faults import ACTIONS, Fault, TrialPlan, remove_trainer_node
 from .runlog import read_jsonl
@@ -123,7 +125,7 @@ class ChaosRun:
         return result
 
     def _in_process_trial(self, spec: JobSpec, plan: TrialPlan) -> tuple[str | None, int]:
-        from .controller import Controller, JobState
+        from .controller import Controller
 
         seen = {"step": 0}
         controller = Controller(spec, on_progress=lambda rec: seen.__setitem__("step", rec["step"]))
@@ -131,20 +133,22 @@ class ChaosRun:
         runner = threading.Thread(target=lambda: out.update(result=_catch(controller.run)), daemon=True)
         runner.start()
         for fault in plan.faults:
-            while runner.is_alive() and not (seen["step"] >= fault.step and controller.state == JobState.RUNNING):
-                time.sleep(0.02)
+            held = self._hold_at(controller, fault, seen, runner)
             if not runner.is_alive():
                 break
             fault.fired_at = time.time()
             try:
                 if fault.kind == "node_remove":
-                    fault.detail["node_args"] = self.node_args
                     remove_trainer_node(controller, fault, self.cluster)
-                    fault.detail.pop("node_args")
                 else:
                     ACTIONS[fault.kind](controller, fault)
             except Exception as e:  # the target vanished meanwhile (it was being replaced): note it, go on
                 fault.detail["not_injected"] = f"{type(e).__name__}: {e}"
+            finally:
+                if held is not None:
+                    held.release_hold.remote()  # not waited for: the fault may have stopped or killed it
+            if fault.kind == "node_remove":
+                self._top_up_nodes()
             seen["step"] = 0  # the next fault waits for progress after this one
         runner.join(self.trial_timeout_s)
         if runner.is_alive():
@@ -153,6 +157,28 @@ class ChaosRun:
         if isinstance(result, BaseException):
             raise result
         return result.params_sha256, result.restarts
+
+    def _hold_at(self, controller, fault: Fault, seen: dict[str, int], runner: threading.Thread):
+        """Wait until the job has finished ``fault.step`` with rank 0 held before the next step, so the
+        fault lands there even when the job is fast. The hold is set again on a group that recovery
+        replaced meanwhile. Returns the held rank-0 actor (None when the job ended first)."""
+        from .controller import JobState
+
+        held = None
+        while runner.is_alive():
+            group = controller.group
+            if controller.state == JobState.RUNNING and group is not None and group.actors:
+                actor = group.actors[0]
+                if actor is not held:
+                    try:
+                        ray.get(actor.hold_before.remote(fault.step + 1), timeout=10)
+                        held = actor
+                    except (ray.exceptions.RayError, IndexError):
+                        held = None  # being replaced: set it on the next group
+                if held is not None and seen["step"] >= fault.step:
+                    return held
+            time.sleep(0.02)
+        return None
 
     def _sigterm_trial(self, spec: JobSpec, fault: Fault) -> tuple[str | None, int]:
         """SIGTERM the driver (a `trainmem launch` process), then `--resume` the run to the end."""

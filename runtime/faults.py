@@ -93,12 +93,11 @@ def kill_holder(controller, fault: Fault) -> None:
 
 
 def remove_trainer_node(controller, fault: Fault, cluster) -> None:
-    """Remove the Ray node a trainer runs on (every process there dies), then add a fresh one."""
+    """Remove the Ray node a trainer runs on: every process there dies (the caller adds a fresh node)."""
     node_id = ray.get(controller.group.actors[fault.rank].node_id.remote(), timeout=10)
     node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
     fault.detail["node"] = node_id
     cluster.remove_node(node)
-    cluster.add_node(**fault.detail.get("node_args", {}))
 
 
 def flip_fragment(controller, fault: Fault) -> None:

@@ -50,6 +50,7 @@ from .runlog import SinkClient
 from .telemetry import GpuTelemetry
 
 STOP_KEY = "trainmem/stop-after-step"
+_HOLD_LIMIT_S = 60.0  # longest a fault drill may hold a rank (its driver may have died)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -105,6 +106,8 @@ class Worker:
         self._phase, self._phase_since = "starting", time.time()
         self._interrupt = threading.Event()
         self._stop_requested = threading.Event()
+        self._hold_before: int | None = None  # a fault drill holds this rank before that step
+        self._released = threading.Event()
         self.device = torch.device("cpu")
         self.log = SinkClient(spec.run_dir)  # the run log on the driver's node; run_dir may not be shared
         self.location = Location(spec.checkpoint_uri, spec.checkpoint.storage)
@@ -156,6 +159,33 @@ class Worker:
     def request_stop(self) -> None:
         """Preemption: rank 0 picks the next step boundary; every rank saves there and returns."""
         self._stop_requested.set()
+
+    def hold_before(self, step: int) -> int:
+        """Stop at the boundary before ``step`` (or the next one, if that is passed) until
+        :meth:`release_hold`. For fault drills: `trainmem chaos` holds rank 0 (so every rank, at its
+        next collective) so that a fault lands at the step it drew, not wherever a fast job has got to.
+        Returns the last finished step."""
+        with self._lock:
+            self._released.clear()
+            self._hold_before = step
+            return self._step_done
+
+    def release_hold(self) -> None:
+        with self._lock:
+            self._hold_before = None
+            self._released.set()
+
+    def _maybe_hold(self, step: int) -> None:
+        with self._lock:
+            if self._hold_before is None or step < self._hold_before:
+                return
+        self._enter("held")
+        deadline = time.monotonic() + _HOLD_LIMIT_S  # a drill whose driver vanished must not wedge the job
+        while not self._released.wait(0.05):
+            if self._interrupt.is_set() or time.monotonic() > deadline:
+                break
+        with self._lock:
+            self._hold_before = None
 
     def _event(self, name: str, **fields: Any) -> None:
         """An event for events.jsonl, delivered through the controller's next health poll."""
@@ -326,6 +356,7 @@ class Worker:
         tokens_per_step = spec.train.batch_size * spec.model.seq_len * self.engine.data_rank_world[1]
         stop_after = None
         for step in range(start + 1, spec.train.steps + 1):
+            self._maybe_hold(step)
             if self._interrupt.is_set():
                 return self._paused()
             t0 = time.perf_counter()
