@@ -88,7 +88,8 @@ class ClusterConfig:
     health_poll_s: float = 0.5
     """How often the controller polls worker health."""
     collective_timeout_s: float = 60.0
-    """Timeout for process-group formation and every collective."""
+    """Timeout for process-group formation and every collective (a training step's collectives wait at
+    most step_collective_timeout_s, which never exceeds it)."""
     max_restarts: int = 3
     """Worker-group restarts allowed before the job stops with the cause."""
     start_timeout_s: float = 120.0
@@ -124,6 +125,16 @@ class ClusterConfig:
             raise ValueError(f"spares={self.spares} must be >= 0")
         if not self.preempt_grace_s > 0:
             raise ValueError(f"preempt_grace_s={self.preempt_grace_s} must be > 0")
+
+    @property
+    def step_collective_timeout_s(self) -> float:
+        """How long one collective of a training step waits for its peers.
+
+        Longer than the controller takes to declare a silent peer hung (so it never fires first), no
+        longer than collective_timeout_s. When a rank is lost, a kept rank that was not its neighbour
+        in the ring hears of it only through this timeout, so it bounds the wait before replacement.
+        """
+        return min(self.collective_timeout_s, 1.5 * self.hang_timeout_s + 2 * self.health_poll_s + 2.0)
 
 
 @dataclass(kw_only=True)

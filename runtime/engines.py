@@ -22,7 +22,7 @@ from trainmem.parallel import (DeepSpeedEngine, PipelineConfig, PipelineExecutor
                                build_schedule, layout_for,
                                mesh_groups)
 
-from .grad_sync import BucketedAllReduce, sparse_grad_parameters
+from .grad_sync import BucketedAllReduce, all_reduce_within, sparse_grad_parameters
 from .models import GPT, lm_loss, split_into_stages
 from .optim import build_optimizer
 
@@ -63,7 +63,7 @@ def clip_by_total_norm(params: list[torch.nn.Parameter], max_norm: float, *, red
     norms += [g.values().norm() for g in sparse]
     sq = torch.stack(norms).double().pow(2).sum() if norms else torch.zeros((), dtype=torch.float64)
     if reduce:
-        work = dist.all_reduce(sq, group=group, async_op=True)
+        work = all_reduce_within(sq, timeout_s, group)
         if not work.wait(timedelta(seconds=timeout_s)):
             raise RuntimeError(f"gradient-norm all-reduce did not complete within {timeout_s:g}s")
     coef = min(1.0, max_norm / (math.sqrt(sq.item()) + 1e-6))
@@ -111,6 +111,7 @@ class DataParallelEngine(_ModelOptimizerState):
     def __init__(self, model: GPT, policy: ActivationPolicy | None, train_cfg, timeout_s: float):
         self.model, self.policy = model, policy
         params = list(model.parameters())
+        self.timeout_s = timeout_s
         self.reducer = BucketedAllReduce(params, sparse=sparse_grad_parameters(model), timeout_s=timeout_s)
         self.optimizer = build_optimizer(model, params, train_cfg)
         self.last_stats: dict[str, Any] = {}
@@ -129,7 +130,7 @@ class DataParallelEngine(_ModelOptimizerState):
         self.reducer.finish()
         self.last_stats = dict(self.policy.last_stats) if self.policy else {}
         mean = loss.detach().clone()
-        dist.all_reduce(mean)
+        all_reduce_within(mean, self.timeout_s).wait(timedelta(seconds=self.timeout_s))
         return mean.item() / dist.get_world_size()
 
     def clip(self, max_norm: float) -> None:
@@ -252,7 +253,7 @@ class PipelineEngine(_ModelOptimizerState):
         if self.replicas == 1:
             return loss
         t = torch.tensor([loss], dtype=torch.float64, device=next(self.model.parameters()).device)
-        work = dist.all_reduce(t, group=self.mesh.data_group, async_op=True)
+        work = all_reduce_within(t, self.timeout_s, self.mesh.data_group)
         if not work.wait(timedelta(seconds=self.timeout_s)):
             raise RuntimeError(f"loss all-reduce over ranks {self.mesh.data_ranks} did not complete in {self.timeout_s:g}s")
         return float(t.item()) / self.replicas
@@ -301,6 +302,6 @@ def build_engine(spec, model: GPT, warmup_batch, device: torch.device, events=No
     if spec.pipeline.stages > 1:
         return PipelineEngine(model, spec.pipeline, spec.memory, spec.train, warmup_batch=warmup_batch,
                               replicas=spec.cluster.workers // spec.pipeline.stages,
-                              timeout_s=spec.cluster.collective_timeout_s)
+                              timeout_s=spec.cluster.step_collective_timeout_s)
     policy = build_policy(spec.memory, model, warmup_batch) if spec.memory.activations != "none" else None
-    return DataParallelEngine(model, policy, spec.train, spec.cluster.collective_timeout_s)
+    return DataParallelEngine(model, policy, spec.train, spec.cluster.step_collective_timeout_s)

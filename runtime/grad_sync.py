@@ -34,6 +34,21 @@ def sparse_grad_parameters(model: nn.Module) -> set[int]:
     return out
 
 
+def all_reduce_within(tensor: torch.Tensor, timeout_s: float, group=None) -> dist.Work:
+    """An asynchronous SUM all-reduce whose operation itself gives up after ``timeout_s``.
+
+    ``dist.all_reduce`` runs under the group's timeout, and gloo's waits end only then or when a
+    peer's socket closes: a peer that left its step loop keeps its sockets open (destroying or
+    aborting its group does not close them while an operation was pending), so a rank not adjacent
+    to a lost one would wait out the whole group timeout before it could be kept for recovery.
+    """
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.SUM
+    opts.asyncOp = True
+    opts.timeout = timedelta(seconds=timeout_s)
+    return (group if group is not None else dist.group.WORLD).allreduce([tensor], opts)
+
+
 class BucketedAllReduce:
     """Averages ``.grad`` of ``params`` over ``group`` in fixed buckets; call :meth:`finish` after backward."""
 
@@ -79,7 +94,7 @@ class BucketedAllReduce:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad.reshape(-1))
         flat = torch.cat(grads).div_(self.world)
-        self._inflight.append((i, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        self._inflight.append((i, flat, all_reduce_within(flat, self.timeout.total_seconds(), self.group)))
 
     def launch(self) -> None:
         """Start every bucket not started yet, in bucket order (asynchronous)."""
@@ -103,7 +118,7 @@ class BucketedAllReduce:
                     p.grad = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long), p.new_empty(0, *p.shape[1:]),
                                                      p.shape)
                 grad = p.grad.coalesce().div_(self.world)
-                dist.all_reduce(grad, group=self.group)
+                all_reduce_within(grad, self.timeout.total_seconds(), self.group).wait(self.timeout)
                 p.grad = grad.coalesce()
         finally:
             self._reset()

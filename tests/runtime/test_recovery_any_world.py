@@ -47,6 +47,10 @@ def test_recovery_is_bitwise_at_any_world_size(baselines, tmp_path, world, failu
     restored = next(e for e in events if e["event"] == "restored")
     assert restored["tier"] == "durable" and restored["step"] == (failure.step - 1) // 5 * 5
     assert result.restarts == 1 and result.steps == 20
+    # kept ranks re-form within a step's collective timeout (9 s here), not the group's 60 s: at four ranks
+    # one of them is no ring neighbour of the lost rank and hears of the loss only through a timeout
+    replaced = next(e for e in events if e["event"] == "ranks_replaced")
+    assert replaced["start_s"] < spec.cluster.collective_timeout_s / 2, replaced
     assert result.params_sha256 == baselines[world].params_sha256, f"{world} workers, {failure}"
 
 
