@@ -12,17 +12,17 @@ from trainmem.offload.params import bench
 
 @pytest.mark.slow
 def test_quick_json(capsys):
-    # fsdp2, ours_fused and ZeRO-Infinity run in the full bench only (each side is a 2-rank child, ~45 s here)
-    assert bench.main(["--quick", "--json", "--sides", "ours_disk"]) == 0
+    # fsdp2, ours_fused, ours_disk and ZeRO-Infinity run in the full bench only (each side is a 2-rank child,
+    # ~35 s here); the disk tier's arithmetic is checked in test_placement_engine
+    assert bench.main(["--quick", "--json", "--sides", "ours"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("step_ratio_vs_deepspeed", "host_bytes_per_param_ratio_vs_deepspeed", "max_params_ratio_vs_deepspeed",
                 "bytes_moved_vs_min", "loss_max_rel_diff"):
         assert key in result
     sides = result["sides"]
-    assert {"ours", "deepspeed", "ours_disk"} == set(sides)
+    assert {"ours", "deepspeed"} == set(sides)
     assert all("error" not in r for r in sides.values()), {k: r.get("error") for k, r in sides.items()}
     assert result["loss_max_rel_diff"] <= 1e-6
     assert result["bytes_moved_vs_min"] >= 1.0  # nothing moves less than the trace's optimum
     assert sides["ours"]["arena_peak_bytes"] <= result["device_budget_bytes"]
-    assert "disk" in sides["ours_disk"]["homes"].values()
-    assert sides["ours_disk"]["moved"]["moved_disk_to_host_bytes"] > 0
+
