@@ -3,7 +3,8 @@
 A local multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head without CPUs plus ``nodes``
 raylets on this machine) hosts one fault-free reference run and then the trials. Each trial's
 faults are drawn from its own seed (:func:`trainmem.runtime.faults.draw_plan`), so a failed trial
-is replayed exactly with ``--replay SEED``. A trial passes when the job finishes and its final
+is replayed exactly with ``--replay SEED``; each fault lands at its drawn step (rank 0, and with it
+every rank, is held at that step's end until the fault is injected). A trial passes when the job finishes and its final
 ``params_sha256`` equals the reference's; its figures (steps lost, seconds to detect, seconds from
 the fault to training resumed) come from the run's own events.jsonl and metrics.jsonl.
 """
@@ -132,6 +133,7 @@ class ChaosRun:
         out: dict[str, Any] = {}
         runner = threading.Thread(target=lambda: out.update(result=_catch(controller.run)), daemon=True)
         runner.start()
+        releases = []
         for fault in plan.faults:
             held = self._hold_at(controller, fault, seen, runner)
             if not runner.is_alive():
@@ -146,11 +148,16 @@ class ChaosRun:
                 fault.detail["not_injected"] = f"{type(e).__name__}: {e}"
             finally:
                 if held is not None:
-                    held.release_hold.remote()  # not waited for: the fault may have stopped or killed it
+                    releases.append(held.release_hold.remote())  # not waited for: the fault may have stopped it
             if fault.kind == "node_remove":
                 self._top_up_nodes()
             seen["step"] = 0  # the next fault waits for progress after this one
         runner.join(self.trial_timeout_s)
+        for ref in releases:  # read, so Ray does not report a killed rank's unanswered release as an error
+            try:
+                ray.get(ref, timeout=1)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
         if runner.is_alive():
             raise TimeoutError(f"the job did not finish within {self.trial_timeout_s:g}s (hung)")
         result = out["result"]
