@@ -4,9 +4,10 @@ A local multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head without CP
 raylets on this machine) hosts one fault-free reference run and then the trials. Each trial's
 faults are drawn from its own seed (:func:`trainmem.runtime.faults.draw_plan`), so a failed trial
 is replayed exactly with ``--replay SEED``; each fault lands at its drawn step (rank 0, and with it
-every rank, is held at that step's end until the fault is injected). A trial passes when the job finishes and its final
-``params_sha256`` equals the reference's; its figures (steps lost, seconds to detect, seconds from
-the fault to training resumed) come from the run's own events.jsonl and metrics.jsonl.
+every rank, is held at that step's end until the fault is injected). A trial passes when the job
+finishes and its final ``params_sha256`` equals the reference's; its figures (steps lost, seconds to
+detect, seconds from the fault to training resumed) come from the run's own events.jsonl and
+metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class ChaosRun:
                     try:
                         ray.get(actor.hold_before.remote(fault.step + 1), timeout=10)
                         held = actor
-                    except (ray.exceptions.RayError, IndexError):
+                    except ray.exceptions.RayError:
                         held = None  # being replaced: set it on the next group
                 if held is not None and seen["step"] >= fault.step:
                     return held
