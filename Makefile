@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt | system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install -q -c constraints.txt -e '.[test,torchft]'
+	$(BIN)/python -m trainmem.native
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -239,10 +239,12 @@ def _build():
     killed mid-compile leaves behind, and every later build then waits on it for ever; an fcntl lock,
     which the kernel drops with its holder, guards the build instead, and a baton found while holding
     it is stale by construction."""
-    from torch.utils.cpp_extension import get_default_build_root, load_inline
+    from torch.utils.cpp_extension import load_inline
+
+    from trainmem.native import extensions_dir
 
     name = f"trainmem_pk_select_{_cpu_tag()}"
-    build_dir = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), name)
+    build_dir = os.path.join(extensions_dir(), name)
     os.makedirs(build_dir, exist_ok=True)
     with open(os.path.join(build_dir, "trainmem.lock"), "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)

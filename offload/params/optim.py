@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
-from pathlib import Path
 
 import torch
 from torch.optim.adam import adam
 
+from trainmem.native import extensions_dir
+
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 _ids = itertools.count(1 << 20)
-
-
-def extensions_dir() -> str:
-    """Where DeepSpeed's JIT-built ops are cached (so runs do not rebuild them)."""
-    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def load_deepspeed_adam():
