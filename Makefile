@@ -27,11 +27,17 @@ demo: $(STAMP)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/trainmem launch examples/demo.toml --workers 2 --steps 50 \
 	  $(if $(NO_FAILURE),,--inject-failure rank=1,step=25,kind=kill)
 
+# Two pytest processes, one module each at a time (--dist loadfile: a module shares one Ray cluster):
+# the suite waits on Ray start-up, health polls and timeouts about a third of its time, which the
+# other process fills. TEST_PROCS=1 runs it in one process.
+TEST_PROCS ?= 2
+PYTEST := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile
+
 test: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q --durations=15
+	$(PYTEST) --durations=15
 
 test-fast: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Every CUDA path on one GPU (< 5 min): one JSON object with pass/fail and a figure per path; "no CUDA" and exit 0
 # elsewhere. CI never runs it.

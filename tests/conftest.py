@@ -15,3 +15,9 @@ def s3_server():
     server = LocalS3().start()
     yield server
     server.stop()
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (a stable sort): under ``-n`` the long modules start at once and the quick
+    ones fill the tail, instead of one long module running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

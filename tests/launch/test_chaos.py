@@ -29,6 +29,7 @@ def test_bad_kinds_are_refused(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # nine launches, each bounded by the trial timeout; longer beside a parallel suite
 def test_chaos_one_trial_per_kind_all_bitwise(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     rc = main(["chaos", "examples/tiny.toml", "--trials", str(len(KINDS)), "--seed", "1", "--out", str(tmp_path), "--json"])
