@@ -1,0 +1,45 @@
+"""Native ops are built by ``make install`` into the one cache that every user of them reads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from trainmem.native import DEEPSPEED_OPS, extensions_dir
+
+# The shared object each op leaves in its build folder (DeepSpeed names the folder after the op).
+LIBRARIES = {"CPUAdamBuilder": "cpu_adam/cpu_adam.so", "AsyncIOBuilder": "async_io/async_io.so",
+             "ShareMemCommBuilder": "deepspeed_shm_comm/deepspeed_shm_comm.so"}
+
+
+def test_the_cache_defaults_to_the_venv_and_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert extensions_dir() == str(Path(sys.prefix) / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert extensions_dir() == str(tmp_path)
+
+
+def test_install_built_every_op_and_a_rerun_loads_them_without_rebuilding():
+    cache = Path(sys.prefix) / "torch_extensions"
+    built = [cache / LIBRARIES[name] for name in DEEPSPEED_OPS] + list(cache.glob("trainmem_pk_select_*/*.so"))
+    assert len(built) == len(DEEPSPEED_OPS) + 1 and all(p.exists() for p in built), \
+        f"make install did not build into {cache}: {[str(p) for p in built if not p.exists()]}"
+    before = {p: p.stat().st_mtime_ns for p in built}
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    proc = subprocess.run([sys.executable, "-m", "trainmem.native"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert [line.split()[1].rstrip(":") for line in lines] == [*DEEPSPEED_OPS, "pk_select"]
+    assert all(": ok (" in line for line in lines), proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in built} == before, "a cached op was rebuilt"
+
+
+def test_the_product_key_kernel_is_built_in_the_shared_cache(monkeypatch):
+    from trainmem.memory_services.layers.pk_select import kernel
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert kernel() is not None
+    assert list((Path(sys.prefix) / "torch_extensions").glob("trainmem_pk_select_*/*.so"))
