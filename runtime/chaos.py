@@ -135,7 +135,7 @@ class ChaosRun:
         runner = threading.Thread(target=lambda: out.update(result=_catch(controller.run)), daemon=True)
         runner.start()
         releases = []
-        for fault in plan.faults:
+        for i, fault in enumerate(plan.faults):
             held = self._hold_at(controller, fault, seen, runner)
             if not runner.is_alive():
                 break
@@ -148,8 +148,9 @@ class ChaosRun:
             except Exception as e:  # the target vanished meanwhile (it was being replaced): note it, go on
                 fault.detail["not_injected"] = f"{type(e).__name__}: {e}"
             finally:
-                if held is not None:
-                    releases.append(held.release_hold.remote())  # not waited for: the fault may have stopped it
+                if held is not None:  # not waited for: the fault may have stopped it
+                    after = plan.faults[i + 1].step + 1 if i + 1 < len(plan.faults) else None
+                    releases.append(held.release_hold.remote(then_before=after))
             if fault.kind == "node_remove":
                 self._top_up_nodes()
             seen["step"] = 0  # the next fault waits for progress after this one

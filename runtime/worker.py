@@ -107,7 +107,6 @@ class Worker:
         self._interrupt = threading.Event()
         self._stop_requested = threading.Event()
         self._hold_before: int | None = None  # a fault drill holds this rank before that step
-        self._released = threading.Event()
         self.device = torch.device("cpu")
         self.log = SinkClient(spec.run_dir)  # the run log on the driver's node; run_dir may not be shared
         self.location = Location(spec.checkpoint_uri, spec.checkpoint.storage)
@@ -166,26 +165,30 @@ class Worker:
         next collective) so that a fault lands at the step it drew, not wherever a fast job has got to.
         Returns the last finished step."""
         with self._lock:
-            self._released.clear()
             self._hold_before = step
             return self._step_done
 
-    def release_hold(self) -> None:
+    def release_hold(self, then_before: int | None = None) -> None:
+        """Let the held rank go on; ``then_before`` arms the next hold in the same call (arming it by a
+        later call races a fast job past that step)."""
         with self._lock:
-            self._hold_before = None
-            self._released.set()
+            self._hold_before = then_before
+
+    def _held_at(self, step: int) -> bool:
+        with self._lock:
+            return self._hold_before is not None and step >= self._hold_before
 
     def _maybe_hold(self, step: int) -> None:
-        with self._lock:
-            if self._hold_before is None or step < self._hold_before:
-                return
+        if not self._held_at(step):
+            return
         self._enter("held")
         deadline = time.monotonic() + _HOLD_LIMIT_S  # a drill whose driver vanished must not wedge the job
-        while not self._released.wait(0.05):
+        while self._held_at(step):
             if self._interrupt.is_set() or time.monotonic() > deadline:
-                break
-        with self._lock:
-            self._hold_before = None
+                with self._lock:
+                    self._hold_before = None
+                return
+            time.sleep(0.05)
 
     def _event(self, name: str, **fields: Any) -> None:
         """An event for events.jsonl, delivered through the controller's next health poll."""
