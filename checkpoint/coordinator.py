@@ -104,16 +104,17 @@ class SnapshotCoordinator:
                     self._uncommitted_on[h] = step
 
     def rollback(self, step: int | None) -> None:
-        """The job resumes from ``step``: holders drop later snapshots, later votes are forgotten."""
-        self.reset_to(step)
-        self.holders.call("rollback", step, timeout_s=self.timeout_s)
+        """The job resumes from ``step``: holders drop later snapshots, later votes are forgotten.
 
-    def reset_to(self, step: int | None) -> None:
-        """After a restore to ``step``: forget half-prepared later steps (they will be redone)."""
+        Both sides forget: votes a writer logged on a holder for a later step outlive the writer, and
+        forgetting them here alone would let the next ``collect_votes`` count an earlier incarnation's
+        vote towards a step the redo has not stored yet.
+        """
         with self._lock:
             limit = -1 if step is None else step
             self._voted = {r: {s for s in v if s <= limit} for r, v in self._voted.items()}
             self._complete = [s for s in self._complete if s <= limit]
+        self.holders.call("rollback", step, timeout_s=self.timeout_s)
 
     def voted(self, step: int) -> set[int]:
         """Ranks known to have stored ``step``."""
