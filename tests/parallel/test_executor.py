@@ -217,6 +217,10 @@ def _worker(rank: int, p: int, port: int, out_dir: str) -> None:
             except PipelineError as exc:
                 results["timeout"] = {"error": str(exc), "after_s": time.monotonic() - t0}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    if p == 2 and rank == 1:  # stay connected (and silent) until rank 0's wait has timed out: a peer that
+        give_up = time.monotonic() + 60  # exits closes its sockets, and rank 0's pending send fails first
+        while not Path(out_dir, "rank0.json").exists() and time.monotonic() < give_up:
+            time.sleep(0.05)
     os._exit(0)  # skip destroy: the timed-out recv is still posted on rank 0
 
 
