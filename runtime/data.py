@@ -24,8 +24,14 @@ _DOC_SEPARATOR = b"\n\n"
 
 
 def stdlib_files() -> list[Path]:
+    """Every ``.py`` of the standard library, sorted. site-packages is pruned from the walk, not
+    filtered after it: it can hold far more than the stdlib, and every rank lists these at start."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    found = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d != "site-packages"]
+        found += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(p for p in found if p.is_file())
 
 
 def _source_files(cfg: DataConfig) -> list[Path]:

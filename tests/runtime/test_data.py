@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,3 +56,26 @@ def _stream(factory):
     if "s" not in _CACHE:
         _CACHE["s"] = open_corpus(DataConfig(cache_dir=str(factory.mktemp("corpus"))))
     return _CACHE["s"]
+
+
+def test_stdlib_files_are_the_stdlib_without_walking_site_packages(monkeypatch):
+    """The default corpus lists the same files as a plain filtered rglob (so cached corpora stay valid),
+    but never descends into site-packages, which every rank would otherwise walk at start."""
+    import os
+    import sysconfig
+
+    from trainmem.runtime import data
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    expect = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    visited: list[str] = []
+    real_walk = os.walk
+
+    def spy(top, *args, **kwargs):
+        for folder, subdirs, names in real_walk(top, *args, **kwargs):
+            visited.append(folder)
+            yield folder, subdirs, names
+
+    monkeypatch.setattr(data.os, "walk", spy)
+    assert data.stdlib_files() == expect and len(expect) > 500
+    assert visited and not any("site-packages" in Path(v).parts for v in visited)
