@@ -98,6 +98,8 @@ def bench_lookup(s: dict, budget: float, cfg: ServicesConfig, url: str, token: s
     sharded = {}
     for by in ("rows", "columns"):
         redeploy(2, by)
+        running = _value_shards_running()
+        assert running == 2, f"redeployed 2 value shards by {by}, {running} running"  # measure the new layout
         handle = LayerClient(max_rows=batch)
         handle.lookup(xs[0])
         sharded[by] = batch * _throughput(handle.lookup, xs, s["in_flight"], budget)
@@ -105,6 +107,15 @@ def bench_lookup(s: dict, budget: float, cfg: ServicesConfig, url: str, token: s
             "inproc_tok_s": inproc_tok_s, "handle_tok_s": handle_tok_s, "http_tok_s": http_tok_s,
             "sharded2_handle_tok_s": sharded["rows"], "sharded2_columns_handle_tok_s": sharded["columns"],
             "in_flight": s["in_flight"]}
+
+
+def _value_shards_running() -> int:
+    from ray import serve
+
+    from .serving import APP_NAME
+
+    deployments = serve.status().applications[APP_NAME].deployments
+    return sum(1 for name, d in deployments.items() if name.startswith("ValueShard") and d.status == "HEALTHY")
 
 
 def run(s: dict, budget: float, workdir: Path, progress) -> dict:
@@ -142,9 +153,13 @@ def run(s: dict, budget: float, workdir: Path, progress) -> dict:
         retriever = bench_retriever(s, budget, cfg, served.url, token)
         progress()
 
+        port = int(served.url.rsplit(":", 1)[1])
+
         def redeploy(shards: int, by: str):
-            shutdown_services()
-            return serve_app(dataclasses.replace(cfg, memory_layer=dataclasses.replace(layer, shards=shards, shard_by=by)),
+            # In place: serve.run replaces the application and returns once the new layout runs, so
+            # Serve's controller and proxy stay up between layouts instead of restarting.
+            return serve_app(dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, port=port),
+                                                 memory_layer=dataclasses.replace(layer, shards=shards, shard_by=by)),
                              schedule=False, timeout_s=600)
 
         lookup = bench_lookup(s, budget, cfg, served.url, token, redeploy)
