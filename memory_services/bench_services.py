@@ -98,8 +98,8 @@ def bench_lookup(s: dict, budget: float, cfg: ServicesConfig, url: str, token: s
     sharded = {}
     for by in ("rows", "columns"):
         redeploy(2, by)
-        running = _value_shards_running()
-        assert running == 2, f"redeployed 2 value shards by {by}, {running} running"  # measure the new layout
+        if (running := _value_shards_running()) != 2:  # measure the new layout, never the previous one
+            raise RuntimeError(f"bench memory: redeployed 2 value shards by {by}, but {running} are running")
         handle = LayerClient(max_rows=batch)
         handle.lookup(xs[0])
         sharded[by] = batch * _throughput(handle.lookup, xs, s["in_flight"], budget)
