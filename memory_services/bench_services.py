@@ -153,12 +153,10 @@ def run(s: dict, budget: float, workdir: Path, progress) -> dict:
         retriever = bench_retriever(s, budget, cfg, served.url, token)
         progress()
 
-        port = int(served.url.rsplit(":", 1)[1])
-
         def redeploy(shards: int, by: str):
             # In place: serve.run replaces the application and returns once the new layout runs, so
             # Serve's controller and proxy stay up between layouts instead of restarting.
-            return serve_app(dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, port=port),
+            return serve_app(dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, port=served.port),
                                                  memory_layer=dataclasses.replace(layer, shards=shards, shard_by=by)),
                              schedule=False, timeout_s=600)
 

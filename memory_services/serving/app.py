@@ -35,6 +35,8 @@ class Served:
     """Where the token is (a file path or an environment variable), never the token."""
     layer_version: int
     layer_origin: dict
+    port: int
+    """The HTTP port Serve's proxy listens on; a redeploy that keeps it replaces the app in place."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,7 +79,7 @@ def serve_app(cfg: ServicesConfig, schedule: bool = True, timeout_s: float = 180
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.http.host}:{port}"
     _wait_healthy(url, timeout_s)
-    return Served(url, note or "none (auth = 'none')", version, origin)
+    return Served(url, note or "none (auth = 'none')", version, origin, port)
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:

@@ -104,8 +104,8 @@ def _redeploy(cluster, **layer):
     """Serve the layer with these memory_layer fields (kept if the running deployment already has them)."""
     if cluster.get("deployed") == layer:
         return
-    port = int(cluster["served"].url.rsplit(":", 1)[1])  # in place: Serve's controller and proxy stay up
-    cfg = dataclasses.replace(cluster["cfg"], http=dataclasses.replace(cluster["cfg"].http, port=port),
+    # The running port: serve.run replaces the app in place, Serve's controller and proxy stay up.
+    cfg = dataclasses.replace(cluster["cfg"], http=dataclasses.replace(cluster["cfg"].http, port=cluster["served"].port),
                               memory_layer=dataclasses.replace(cluster["cfg"].memory_layer, **layer))
     serve_app(cfg, schedule=False)
     cluster["deployed"] = layer
