@@ -84,9 +84,10 @@ def test_memory_policy_respects_its_budget_keeps_the_math_and_recovers(ray_clust
     assert any(row["decision"] != "keep" for row in plan["rows"])
     for m in read_jsonl(spec.run_dir / "metrics.jsonl"):
         assert m["peak_saved_bytes"] <= plan["budget_bytes"]
-    assert _losses(auto) == pytest.approx(_losses(plain), rel=1e-5)
-    again = Controller(_spec(tmp_path / "auto-clean", train=train, memory=memory)).run()
-    assert auto.restarts == 1 and auto.params_sha256 == again.params_sha256
+    # Recompute replays the same CPU kernels on the same inputs and offload copies bytes: the math is
+    # the plain run's bitwise, so the killed run must end on the plain run's parameters.
+    assert auto.restarts == 1 and auto.params_sha256 == plain.params_sha256
+    assert _losses(auto) == _losses(plain)
 
 
 def test_memory_layer_gpt_trains_with_sparse_values_and_recovers_bitwise(ray_cluster, tmp_path):

@@ -69,7 +69,7 @@ def test_a_corrupt_newest_checkpoint_is_rejected_and_an_older_one_restores_bitwi
     assert (spec.checkpoint_dir / "LATEST").read_text().strip() == "20"
 
 
-def test_resume_walks_back_too(baseline, tmp_path):
+def test_resume_walks_back_and_stops_with_the_cause_when_nothing_is_left(baseline, tmp_path):
     first = _spec(tmp_path / "run")
     first.train.steps = 21
     Controller(first).run()
@@ -81,17 +81,15 @@ def test_resume_walks_back_too(baseline, tmp_path):
     assert [e["step"] for e in events if e["event"] == "restored"] == [15]
     assert result.params_sha256 == baseline.params_sha256
 
-
-def test_with_every_checkpoint_corrupt_the_job_stops_with_the_cause(ray_cluster, tmp_path):
-    first = _spec(tmp_path / "run")
-    first.train.steps = 16
-    Controller(first).run()
-    for step in (5, 10, 15):
+    # keep = 3: steps 10, 15 and 20 (rewritten by the resumed run) are left; with all of them corrupt
+    # the next launch stops, naming each one, and never starts over from step 0.
+    for step in (10, 15, 20):
         _flip(first.checkpoint_dir / f"step-{step:08d}" / "state.safetensors")
-    with pytest.raises(JobFailed, match=r"no checkpoint can be restored.*durable step 15.*durable step 10.*durable step 5"):
+    with pytest.raises(JobFailed, match=r"no checkpoint can be restored.*durable step 20.*durable step 15.*durable step 10"):
         Controller(_spec(tmp_path / "run")).run()
     events = read_jsonl(first.run_dir / "events.jsonl")
-    assert not [e for e in events if e["event"] == "restored"]
+    last = max(i for i, e in enumerate(events) if e["event"] == "job_started")
+    assert not [e for e in events[last:] if e["event"] == "restored"]
     assert events[-1]["event"] == "job_failed"
     metrics = read_jsonl(first.run_dir / "metrics.jsonl")
     assert max(m["attempt"] for m in metrics) == 0, "never silently restarted from step 0"
