@@ -21,6 +21,12 @@ def test_stdlib_corpus_is_cached_once_and_memory_mapped(tmp_path):
     expected = sum(f.stat().st_size + 2 for f in stdlib_files())
     assert len(stream) == expected
     assert stream.tokens.dtype == np.uint8 and stream.max_token < 256
+    # a read-only view of the mapped file, the bytes pyarrow reads
+    import pyarrow.ipc as ipc
+
+    table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    assert np.array_equal(stream.tokens, table.column("tokens").to_numpy())
+    assert not stream.tokens.flags.writeable
 
 
 def test_text_and_parquet_sources(tmp_path):
