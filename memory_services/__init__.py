@@ -2,61 +2,42 @@
 
 Memory layers (product keys, hashed n-grams) and their versioned layer store, the memory store
 (an append-only Arrow log), a FAISS retriever, lease-guarded consolidation, and their Ray Serve
-deployments, HTTP API and clients. Ray Serve / FastAPI parts import lazily (``serve_app``,
-``MemoryClient``, ``LayerClient``) so the layers stay light.
+deployments, HTTP API and clients.
 """
 
-from .config import (
-    ConsolidationConfig,
-    EngramConfig,
-    HttpConfig,
-    LayerServiceConfig,
-    ProductKeyConfig,
-    RetrieverConfig,
-    ServicesConfig,
-)
-from .consolidation import ConsolidationJob, ConsolidationResult, CronScheduler, Lease, LeaseHeld, sources_of
-from .embedder import Embedder, MiniLMEmbedder, normalize
-from .layers import (
-    ColumnShardedProductKeyMemory,
-    HashedNgramMemory,
-    NgramPrefetcher,
-    ProductKeyMemory,
-    RowSparseAdam,
-    build_optimizers,
-    memory_layers,
-    memory_parameters,
-    product_key_topk,
-    value_optimizer,
-)
-from .layers.distill import distill, new_layer, top1_accuracy
-from .layers.layer_store import LayerChain, LayerStore
-from .retriever import Retriever, StaleIndex
-from .store import Entry, FilterError, IdempotencyConflict, MemoryStore, StoreCorrupt, VersionConflict
+from importlib import import_module
+from typing import Any
 
-_LAZY = {
-    "serve_app": "serving.app", "shutdown_services": "serving.app",
-    "MemoryClient": "client", "MemoryServiceError": "client",
-    "LayerClient": "serving.handle_client", "MemoryUnavailable": "client",
-    "load_run_layer": "layers.from_run", "init_memory": "layers.from_run", "maybe_init_memory": "layers.from_run",
-    "ensure_layer_chain": "layers.from_run", "plan_memory_init": "layers.from_run", "layer_sha256": "layers.from_run",
+# Every name loads on first use: a job spec reads ServicesConfig and a trainer builds a GPT without
+# importing the store, FAISS, consolidation or Ray Serve (each trainer start paid ~0.1 CPU-s for them).
+_WHERE = {
+    **dict.fromkeys(("ConsolidationConfig", "EngramConfig", "HttpConfig", "LayerServiceConfig", "ProductKeyConfig",
+                     "RetrieverConfig", "ServicesConfig"), "config"),
+    **dict.fromkeys(("ConsolidationJob", "ConsolidationResult", "CronScheduler", "Lease", "LeaseHeld", "sources_of"),
+                    "consolidation"),
+    **dict.fromkeys(("Embedder", "MiniLMEmbedder", "normalize"), "embedder"),
+    **dict.fromkeys(("ColumnShardedProductKeyMemory", "HashedNgramMemory", "NgramPrefetcher", "ProductKeyMemory",
+                     "RowSparseAdam", "build_optimizers", "memory_layers", "memory_parameters", "product_key_topk",
+                     "value_optimizer"), "layers"),
+    **dict.fromkeys(("distill", "new_layer", "top1_accuracy"), "layers.distill"),
+    **dict.fromkeys(("LayerChain", "LayerStore"), "layers.layer_store"),
+    **dict.fromkeys(("Retriever", "StaleIndex"), "retriever"),
+    **dict.fromkeys(("Entry", "FilterError", "IdempotencyConflict", "MemoryStore", "StoreCorrupt", "VersionConflict"),
+                    "store"),
+    # Ray Serve, FastAPI and httpx
+    **dict.fromkeys(("serve_app", "shutdown_services"), "serving.app"),
+    **dict.fromkeys(("MemoryClient", "MemoryServiceError", "MemoryUnavailable"), "client"),
+    "LayerClient": "serving.handle_client",
+    **dict.fromkeys(("load_run_layer", "init_memory", "maybe_init_memory", "ensure_layer_chain", "plan_memory_init",
+                     "layer_sha256"), "layers.from_run"),
 }
 
-__all__ = [
-    "ColumnShardedProductKeyMemory", "ConsolidationConfig", "ConsolidationJob", "ConsolidationResult",
-    "CronScheduler", "Embedder", "EngramConfig", "Entry", "FilterError", "HashedNgramMemory", "HttpConfig",
-    "IdempotencyConflict", "LayerChain", "LayerServiceConfig", "LayerStore", "Lease", "LeaseHeld", "MemoryStore",
-    "MiniLMEmbedder", "NgramPrefetcher", "ProductKeyConfig", "ProductKeyMemory", "Retriever", "RetrieverConfig",
-    "RowSparseAdam", "ServicesConfig", "StaleIndex", "StoreCorrupt", "VersionConflict", "build_optimizers",
-    "distill", "memory_layers", "memory_parameters", "new_layer", "normalize", "product_key_topk", "sources_of",
-    "top1_accuracy", "value_optimizer", *_LAZY,
-]
+__all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):
-    # Ray Serve, FastAPI and httpx load only when services are used.
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'trainmem.memory_services' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
