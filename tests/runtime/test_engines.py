@@ -107,7 +107,8 @@ def test_a_deterministic_error_stops_after_one_restart(ray_cluster, tmp_path):
 
     pq.write_table(pa.table({"tokens": [[300] * 500]}), tmp_path / "ids.parquet")
     spec = _spec(tmp_path / "bad", data={"source": "files", "paths": [str(tmp_path / "ids.parquet")],
-                                         "cache_dir": str(tmp_path / "cache")})
+                                         "cache_dir": str(tmp_path / "cache")},
+                 cluster={"workers": 1})  # one rank shows it: the error is the job's, not a rank's
     with pytest.raises(JobFailed, match=r"not transient.*see .*logs/rank-\d\.log"):
         Controller(spec).run()
     failures = [e for e in read_jsonl(spec.run_dir / "events.jsonl") if e["event"] == "failure_detected"]
