@@ -42,12 +42,6 @@ def test_loss_decreases_and_same_seed_gives_same_params(baseline, tmp_path):
     assert base_losses == [m["loss"] for m in metrics]
 
 
-def test_other_seed_gives_other_params(baseline, tmp_path):
-    spec = tiny_spec(tmp_path, "other")
-    spec.train.seed = 8
-    assert Controller(spec).run().params_sha256 != baseline.params_sha256
-
-
 def test_restarts_exhausted_stops_with_the_cause(ray_cluster, tmp_path):
     spec = tiny_spec(tmp_path, "norestart", max_restarts=0)
     with pytest.raises(JobFailed, match=r"died on rank\(s\) \[1\]"):
