@@ -38,12 +38,20 @@ def _loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
 
 
+def _interruptible() -> None:
+    """SIGINT as at a terminal. A suite started in the background (nohup, `make test &`, some CI runners)
+    inherits SIGINT ignored; the launch then ignored the interrupt below and trained on for the 60 s
+    until its kill (75-86 s of wall and a minute of two trainers' CPU in the suite, 10 s alone)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_bare_launch_listens_on_loopback_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "trainmem.launch.cli", "launch", "examples/tiny.toml",
                              "--steps", "100000", "--run-dir", str(run)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
     seen: dict[tuple[str, int], str] = {}
     try:
         deadline = time.monotonic() + 180
@@ -61,9 +69,11 @@ def test_bare_launch_listens_on_loopback_only(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(60)
+            rc = proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            rc = None
+    assert rc == 130, f"the launch did not stop on SIGINT within 60 s (exit {rc})"
     names = set(seen.values())
     assert {"gcs_server", "raylet"} <= names, f"too few listeners seen to mean anything: {seen}"
     assert any("Worker" in n for n in names), f"no rank's listener seen (rendezvous store, gloo): {seen}"
