@@ -13,8 +13,7 @@ Names are imported on first use, so a holder process (or ``trainmem config``) do
 for torch when it only needs numpy and Ray.
 """
 
-from importlib import import_module
-from typing import Any
+from trainmem.lazy import lazy_getattr
 
 from .config import CheckpointConfig, ECConfig, StorageConfig
 
@@ -43,10 +42,4 @@ _WHERE = {
 
 __all__ = ["CheckpointConfig", "ECConfig", "StorageConfig", *_WHERE]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'trainmem.checkpoint' has no attribute {name!r}")
-    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE)

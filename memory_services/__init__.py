@@ -5,8 +5,8 @@ Memory layers (product keys, hashed n-grams) and their versioned layer store, th
 deployments, HTTP API and clients.
 """
 
-from importlib import import_module
-from typing import Any
+from trainmem.lazy import lazy_getattr
+
 
 # Every name loads on first use: a job spec reads ServicesConfig and a trainer builds a GPT without
 # importing the store, FAISS, consolidation or Ray Serve (each trainer start paid ~0.1 CPU-s for them).
@@ -34,10 +34,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'trainmem.memory_services' has no attribute {name!r}")
-    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE)

@@ -5,8 +5,8 @@ Names are imported on first use: reading and checking a job spec does not import
 reads its settings at import time.
 """
 
-from importlib import import_module
-from typing import Any
+from trainmem.lazy import lazy_getattr
+
 
 _WHERE = {
     "ClusterConfig": "config", "DataConfig": "config", "JobSpec": "config", "TrainConfig": "config",
@@ -19,10 +19,4 @@ _WHERE = {
 
 __all__ = list(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'trainmem.runtime' has no attribute {name!r}")
-    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE)
