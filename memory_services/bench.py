@@ -125,10 +125,10 @@ def _table(r: dict) -> Table:
     t.add_row(f"lookup tok/s, batch 1024 ({lk['slots']:,} slots)", f"{lk['handle_tok_s']:,.0f} (Serve handle)",
               f"{lk['inproc_tok_s']:,.0f} (in-process)", f"{r['lookup_handle_ratio']:.2f}x", ">= 0.7x")
     t.add_row("  through HTTP", f"{lk['http_tok_s']:,.0f}", "", f"{r['lookup_http_ratio']:.2f}x", ">= 0.3x")
-    for by, key in (("rows", "lookup_sharded_ratio"), ("columns", "lookup_sharded_columns_ratio")):
-        tok_s = lk["sharded2_handle_tok_s" if by == "rows" else "sharded2_columns_handle_tok_s"]
+    for by, tok_s, ratio in (("rows", lk["sharded2_handle_tok_s"], r["lookup_sharded_ratio"]),
+                             ("columns", lk["sharded2_columns_handle_tok_s"], r["lookup_sharded_columns_ratio"])):
         t.add_row(f"  2 value shards by {by} vs 1", "not measured (--quick)" if tok_s is None else f"{tok_s:,.0f}",
-                  f"{lk['handle_tok_s']:,.0f}", "-" if r[key] is None else f"{r[key]:.2f}x", "as measured")
+                  f"{lk['handle_tok_s']:,.0f}", "-" if ratio is None else f"{ratio:.2f}x", "as measured")
     t.add_row("consolidation entries/s", f"{r['consolidation_entries_per_s']:,.0f}", "", "", "")
     return t
 

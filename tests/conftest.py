@@ -24,7 +24,7 @@ _MODULE_CPU_S = {
     "checkpoint/test_e2e.py": 166, "runtime/test_recovery.py": 165, "memory_services/test_serve.py": 139,
     "launch/test_chaos.py": 133, "runtime/test_engines.py": 120, "runtime/test_deepspeed_job.py": 110,
     "memory_services/test_layer_service.py": 86, "runtime/test_bench_launch.py": 76,
-    "memory_services/test_config_cli.py": 62, "checkpoint/test_local_ray.py": 69,
+    "checkpoint/test_local_ray.py": 69, "memory_services/test_config_cli.py": 62,
     "runtime/test_placement_job.py": 60, "runtime/test_no_shared_fs.py": 52, "launch/test_mpirun.py": 48,
     "runtime/test_restore_walk.py": 45, "runtime/test_job.py": 40, "offload/test_offload_long_context.py": 29,
     "runtime/test_bench_torchft.py": 29, "offload/test_placement_bench.py": 28, "memory_services/test_retriever.py": 24,
