@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from trainmem.native import import_deepspeed
 from trainmem.offload import extensions_dir
 
 from .deepspeed_config import build_deepspeed_json
@@ -62,7 +63,7 @@ class DeepSpeedEngine:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # DeepSpeed reads the rank layout from the environment; the group itself is already formed.
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0")
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.config = build_deepspeed_json(deepspeed_config, batch_size=batch_size, lr=lr,
                                            weight_decay=weight_decay, grad_clip=grad_clip)
@@ -227,7 +228,7 @@ class DeepSpeedEngine:
         self._refresh_weights()
         if self.stage < 3:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

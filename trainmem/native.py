@@ -25,6 +25,29 @@ def extensions_dir() -> str:
     return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
+def import_deepspeed():
+    """``import deepspeed``, minus its hold on the default process group.
+
+    DeepSpeed's ``TorchBackend.barrier`` and ``monitored_barrier`` take ``GroupMember.WORLD`` as a
+    default argument, bound when deepspeed is first imported. Imported after ``init_process_group``
+    (where the engines load it), that default keeps the gloo group alive past
+    ``destroy_process_group``; its worker threads then drop their last collectives while the
+    interpreter shuts down, take the GIL, and the process aborts ("terminate called without an
+    active exception", SIGABRT, about 1 exit in 10 here). Both methods read None as WORLD, so None
+    is the same default without the reference.
+    """
+    import torch.distributed as dist
+
+    import deepspeed
+    from deepspeed.comm.torch import TorchBackend
+
+    for fn in vars(TorchBackend).values():
+        defaults = getattr(fn, "__defaults__", None)
+        if defaults and any(isinstance(d, dist.ProcessGroup) for d in defaults):
+            fn.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in defaults)
+    return deepspeed
+
+
 def _build_deepspeed_op(name: str) -> None:
     import torch
 

@@ -15,7 +15,7 @@ import os
 import torch
 from torch.optim.adam import adam
 
-from trainmem.native import extensions_dir
+from trainmem.native import extensions_dir, import_deepspeed
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -26,6 +26,7 @@ def load_deepspeed_adam():
     """DeepSpeedCPUAdam's compiled op, or raise ImportError/RuntimeError naming why it is unavailable."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     extensions_dir()
+    import_deepspeed()
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
     return CPUAdamBuilder().load(verbose=False)
