@@ -32,17 +32,33 @@ _MB = 1024 * 1024
 STEPS = 50
 
 
+WORKER_NODES = 4
+
+
+def _top_up(c: Cluster) -> None:
+    """Back to WORKER_NODES worker nodes: tests remove nodes, and a failed one must not leave the next short."""
+    missing = WORKER_NODES - len(_worker_nodes(c))
+    for _ in range(missing):
+        c.add_node(num_cpus=1, object_store_memory=80 * _MB)
+    if missing:
+        c.wait_for_nodes()
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def _module_cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * _MB,
                                                           "include_dashboard": False})
-    for _ in range(4):
-        c.add_node(num_cpus=1, object_store_memory=80 * _MB)
-    c.wait_for_nodes()
+    _top_up(c)
     ray.init(address=c.address, namespace="trainmem-tests", log_to_driver=False)
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+@pytest.fixture
+def cluster(_module_cluster):
+    _top_up(_module_cluster)
+    return _module_cluster
 
 
 def _spec(run_dir):
@@ -55,7 +71,7 @@ def _spec(run_dir):
 
 
 @pytest.fixture(scope="module")
-def baseline(cluster, tmp_path_factory):
+def baseline(_module_cluster, tmp_path_factory):
     return Controller(_spec(tmp_path_factory.mktemp("e2e") / "base")).run()
 
 
@@ -101,10 +117,8 @@ def test_remove_two_nodes_recovers_from_memory_bitwise(cluster, baseline, tmp_pa
     assert restored and all(e["tier"] == "memory" for e in restored), restored
     assert not [e for e in events if e["event"] == "checkpoint.fallback_durable"]
     assert sum(e["event"] == "checkpoint.holder_lost" for e in events) == 2
-    assert restored[0]["step"] >= removed_at - 1, "recovered from an in-memory snapshot of the removal time"
-    for _ in range(2):  # back to 4 nodes for the next test
-        cluster.add_node(num_cpus=1, object_store_memory=80 * _MB)
-    cluster.wait_for_nodes()
+    # the trainers were at step removed_at or later, and at most two snapshots are in flight (checkpoint.capture)
+    assert restored[0]["step"] >= removed_at - 2, "recovered from an in-memory snapshot of the removal time"
 
 
 def test_remove_three_nodes_falls_back_to_durable(cluster, baseline, tmp_path):
@@ -174,8 +188,6 @@ def test_losing_a_node_with_only_a_holder_keeps_training(cluster, baseline, tmp_
     assert [(e["node"], e["node_alive"]) for e in lost] == [(victim.node_id, False)]
     assert result.restarts == 0 and not [e for e in events if e["event"] == "failure_detected"]
     assert result.params_sha256 == baseline.params_sha256
-    cluster.add_node(num_cpus=1, object_store_memory=80 * _MB)
-    cluster.wait_for_nodes()
 
 
 def test_corrupted_fragment_is_detected_and_decoded_around(cluster):
