@@ -1,6 +1,12 @@
 """Ray Serve deployments of the memory services, their HTTP API and the Serve-handle client."""
 
-from .app import APP_NAME, Served, serve_app, shutdown_services
-from .handle_client import LayerClient
+from trainmem.lazy import lazy_getattr
 
-__all__ = ["APP_NAME", "LayerClient", "Served", "serve_app", "shutdown_services"]
+# Names load on first use: a Serve replica imports only its own deployment's module (an ingress
+# replica then loads neither torch nor the layer code that serve_app needs).
+_WHERE = {**dict.fromkeys(("APP_NAME", "Served", "serve_app", "shutdown_services"), "app"),
+          "LayerClient": "handle_client"}
+
+__all__ = sorted(_WHERE)
+
+__getattr__ = lazy_getattr(__name__, _WHERE)

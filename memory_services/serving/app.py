@@ -20,7 +20,7 @@ from ..layers.from_run import ensure_layer_chain
 from ..layers.layer_store import LayerStore
 from ..store import MemoryStore
 from .auth import TokenSource, token_source
-from .deployments import ConsolidationBackend
+from .consolidation_backend import ConsolidationBackend
 from .http_api import MemoryApi
 from .layer_service import LayerRouter, ValueShard
 

@@ -1,5 +1,4 @@
-"""The entry services' backends: the retriever (FAISS over the store, held by each HTTP ingress
-replica) and the consolidation deployment.
+"""The retriever backend: FAISS over the store, held by each HTTP ingress replica.
 
 The memory store is the source of truth. A retriever follows the store's log before
 answering, so a write acknowledged by anyone is searchable at once. Searches share a
@@ -13,20 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import os
 import threading
-import time
 from typing import Any
 
 import faiss
 import numpy as np
-import torch
 from ray import serve
 
 from ..config import ServicesConfig
-from ..consolidation import ConsolidationJob, CronScheduler, LeaseHeld
 from ..embedder import normalize
 from ..retriever import Retriever, StaleIndex
 from ..store import MemoryStore
@@ -72,17 +67,22 @@ def queries_in(requests: list[tuple]) -> int:
     return sum(len(r[0]) for r in requests)
 
 
-def set_threads(requested: int) -> int:
+def set_threads(requested: int, *, torch_ops: bool) -> int:
+    """FAISS's OpenMP threads, and torch's where the replica runs torch ops. A retriever without an
+    embedder never loads torch: an ingress replica starts ~1.5 CPU-s sooner."""
     n = requested or os.cpu_count() or 1
     faiss.omp_set_num_threads(n)
-    torch.set_num_threads(n)
+    if torch_ops:
+        import torch
+
+        torch.set_num_threads(n)
     return n
 
 
 class RetrieverBackend:
     def __init__(self, cfg: ServicesConfig):
         self.cfg = cfg
-        self.threads = set_threads(cfg.retriever.threads)
+        self.threads = set_threads(cfg.retriever.threads, torch_ops=cfg.retriever.embedder != "none")
         self.store = MemoryStore(cfg.store_path, cfg.embedding_dim)
         self.index_dir = cfg.store_dir / "index"
         self.lock = RWLock()
@@ -192,33 +192,3 @@ class RetrieverBackend:
         self._sync()
         return {**self.store.stats(), "indexed": len(self.retriever), "index": dict(self.index_info),
                 "threads": self.threads}
-
-
-
-class ConsolidationBackend:
-    """Runs the job on its cron schedule in a thread; ``run_now`` runs it at once (both take the lease)."""
-
-    def __init__(self, cfg: ServicesConfig, start_schedule: bool = True):
-        store = MemoryStore(cfg.store_path, cfg.embedding_dim)
-        log = lambda m: print(m, flush=True)  # noqa: E731 (Serve captures replica stdout in its logs)
-        self.cron_job = ConsolidationJob(store, cfg.consolidation, layer_cfg=cfg.memory_layer.layer_config(),
-                                         kind="cron", layer_dir=cfg.layer_dir, on_phase=log)
-        self.http_job = ConsolidationJob(store, cfg.consolidation, layer_cfg=cfg.memory_layer.layer_config(),
-                                         kind="http", layer_dir=cfg.layer_dir, on_phase=log)
-        self.scheduler = CronScheduler(self.cron_job, cfg.consolidation.schedule, log=log)
-        self.thread = self.scheduler.start() if start_schedule else None
-
-    def run_now(self) -> dict[str, Any]:
-        try:
-            return {"ran": True, **dataclasses.asdict(self.http_job.run_once())}
-        except LeaseHeld as e:
-            return {"ran": False, "holder": e.holder, "error": str(e)}
-
-    def status(self) -> dict[str, Any]:
-        return {"runs": len(self.scheduler.runs), "skipped": len(self.scheduler.skipped),
-                "next_run": self.scheduler.next_time(), "last_error": self.scheduler.last_error,
-                "time": time.time()}
-
-    def check_health(self) -> None:
-        if self.thread is not None and not self.thread.is_alive() and not self.scheduler.stop_event.is_set():
-            raise RuntimeError("consolidation scheduler thread died")

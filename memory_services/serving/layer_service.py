@@ -52,7 +52,7 @@ def _chain(store: MemoryStore, key: str) -> LayerChain:
 
 class ValueShard:
     def __init__(self, cfg: ServicesConfig, shard: int):
-        set_threads(cfg.memory_layer.threads)
+        set_threads(cfg.memory_layer.threads, torch_ops=True)
         ml = cfg.memory_layer
         self.shard, self.shards, self.by, self.keep = shard, ml.shards, ml.shard_by, ml.keep_versions
         self.store = MemoryStore(cfg.store_path, cfg.embedding_dim)
@@ -142,7 +142,7 @@ class ValueShard:
 
 class LayerRouter:
     def __init__(self, cfg: ServicesConfig, *shards):
-        self.threads = set_threads(cfg.memory_layer.threads)
+        self.threads = set_threads(cfg.memory_layer.threads, torch_ops=True)
         ml = cfg.memory_layer
         self.shards, self.by, self.timeout_s = list(shards), ml.shard_by, ml.shard_timeout_s
         self.store = MemoryStore(cfg.store_path, cfg.embedding_dim)
