@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from trainmem.eager_torch import defer_dynamo_import
 from trainmem.offload import ChunkedEngine, PlacementConfig
 from trainmem.runtime.models import ModelConfig, build, lm_loss
 
@@ -59,6 +60,7 @@ def train(engine: ChunkedEngine, data, check=None) -> list[float]:
 
 
 def _entry(rank: int, world: int, root: str, fn_name: str, module: str, args: tuple) -> None:
+    defer_dynamo_import()  # as a trainer does: a fresh rank skips importing torch._dynamo
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
