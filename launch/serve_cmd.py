@@ -84,13 +84,13 @@ def main(argv: list[str]) -> int:
 
     import ray
 
-    from trainmem.memory_services import serve_app, shutdown_services
+    from trainmem.memory_services import serve_app, shutdown_services, start_local_ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(cfg.num_cpus)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

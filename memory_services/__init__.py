@@ -25,7 +25,7 @@ _WHERE = {
     **dict.fromkeys(("Entry", "FilterError", "IdempotencyConflict", "MemoryStore", "StoreCorrupt", "VersionConflict"),
                     "store"),
     # Ray Serve, FastAPI and httpx
-    **dict.fromkeys(("serve_app", "shutdown_services"), "serving.app"),
+    **dict.fromkeys(("serve_app", "shutdown_services", "start_local_ray"), "serving.app"),
     **dict.fromkeys(("MemoryClient", "MemoryServiceError", "MemoryUnavailable"), "client"),
     "LayerClient": "serving.handle_client",
     **dict.fromkeys(("load_run_layer", "init_memory", "maybe_init_memory", "ensure_layer_chain", "plan_memory_init",

@@ -121,7 +121,7 @@ def _value_shards_running() -> int:
 def run(s: dict, budget: float, workdir: Path, progress) -> dict:
     import ray
 
-    from .serving import serve_app, shutdown_services
+    from .serving import serve_app, shutdown_services, start_local_ray
 
     dim, n = s["index_dim"], s["index_n"]
     store_dir = workdir / "services"
@@ -145,8 +145,7 @@ def run(s: dict, budget: float, workdir: Path, progress) -> dict:
     )
     started = not ray.is_initialized()
     if started:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        start_local_ray(2, logging_level="ERROR")
     try:
         served = serve_app(cfg, schedule=False, timeout_s=600)
         token = (store_dir / "token").read_text().strip()

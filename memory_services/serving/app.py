@@ -3,16 +3,19 @@
 ``serve_app(cfg)`` sets up the served layer's chain (from a run, or fresh), resolves where the
 bearer token lives, and deploys: the FastAPI ingress holding the retriever (``retriever.replicas``
 replicas, bound to ``cfg.http.host``, 127.0.0.1 by default), the value shards and the layer
-router, and the consolidation scheduler. The caller owns ``ray.init``; ``shutdown_services`` removes what this started.
+router, and the consolidation scheduler. The caller owns ``ray.init`` (``start_local_ray`` starts an
+embedded cluster for the services); ``shutdown_services`` removes what this started.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass
 
 import httpx
+import ray
 from ray import serve
 
 from ..config import ServicesConfig
@@ -26,6 +29,32 @@ from .layer_service import LayerRouter, ValueShard
 
 APP_NAME = "trainmem-memory"
 ROUTER = "MemoryRouter"
+
+# Replicas reserve no CPUs: glue around FAISS/torch calls that fits beside a training job. Their OpenMP
+# threads sleep between calls instead of spinning, leaving the cores to the proxy and other replicas;
+# libgomp reads this once, when torch or FAISS loads it, so it must be in the replica's environment.
+REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+_ENV_INHERITED_BY: str | None = None  # the GCS address of the cluster start_local_ray started
+
+
+def start_local_ray(num_cpus: int, **init_kwargs) -> None:
+    """Start an embedded cluster on 127.0.0.1 whose processes inherit :data:`REPLICA_ENV` (unless set).
+
+    Replicas on it need no Ray ``runtime_env``, which costs each replica a set-up process and a worker of
+    its own (measured: ~9 CPU-s over the deploys of ``bench memory --quick``); clusters joined by address get one.
+    """
+    global _ENV_INHERITED_BY
+    for key, value in REPLICA_ENV.items():
+        os.environ.setdefault(key, value)  # a value the user exported is theirs to keep
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **init_kwargs)
+    _ENV_INHERITED_BY = ray.get_runtime_context().gcs_address
+
+
+def _replica_options() -> dict:
+    if _ENV_INHERITED_BY is not None and _ENV_INHERITED_BY == ray.get_runtime_context().gcs_address:
+        return {"num_cpus": 0}
+    return {"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}}
 
 
 @dataclass
@@ -62,9 +91,7 @@ def serve_app(cfg: ServicesConfig, schedule: bool = True, timeout_s: float = 180
                              "when consolidation.distill is on (fix: embedding_dim, or distill = false)")
     port = cfg.http.port or free_port(cfg.http.host)
     serve.start(http_options={"host": cfg.http.host, "port": port})
-    # No reserved CPUs: glue around FAISS/torch calls that fits beside a training job. OpenMP threads
-    # sleep between calls instead of spinning, so they leave the cores to the proxy and other replicas.
-    cpu0 = {"num_cpus": 0, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
+    cpu0 = _replica_options()
     router = None
     if cfg.memory_layer.enabled:
         ml = cfg.memory_layer
@@ -75,7 +102,7 @@ def serve_app(cfg: ServicesConfig, schedule: bool = True, timeout_s: float = 180
                                   max_ongoing_requests=max(256, 2 * ml.max_batch_size)).bind(cfg, *shards)
     consolidation = serve.deployment(ConsolidationBackend, name="Consolidation", ray_actor_options=cpu0,
                                      health_check_period_s=10).bind(cfg, schedule)
-    app = MemoryApi.options(num_replicas=cfg.retriever.replicas).bind(cfg, token, router, consolidation, layer_dim)
+    app = MemoryApi.options(num_replicas=cfg.retriever.replicas, ray_actor_options=cpu0).bind(cfg, token, router, consolidation, layer_dim)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.http.host}:{port}"
     _wait_healthy(url, timeout_s)

@@ -74,6 +74,21 @@ class ServeProcess:
             time.sleep(0.2)
 
 
+def serve_processes_env(root_pid: int, name: str) -> dict[str, str | None]:
+    """{process title: its ``name`` environment variable} for the Ray Serve processes below ``root_pid``."""
+    import psutil
+
+    found = {}
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+            if title.startswith(("ray::ServeReplica", "ray::ServeController", "ray::ProxyActor")):
+                found[title.split()[0]] = proc.environ().get(name)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return found
+
+
 def _session_alive(sid: int) -> bool:
     out = subprocess.run(["ps", "-o", "sid=", "-e"], capture_output=True, text=True).stdout.split()
     return str(sid) in out

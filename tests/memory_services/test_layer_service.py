@@ -43,6 +43,8 @@ from trainmem.runtime import Controller, load_spec
 from trainmem.runtime.models import build
 from trainmem.runtime.runlog import read_jsonl
 
+from serve_proc import serve_processes_env
+
 pytestmark = pytest.mark.slow
 
 D = 64  # the tiny GPT's width: the layer's input, and the entries' embedding width for distillation
@@ -134,6 +136,12 @@ def test_served_layer_equals_the_runs_own_layer_through_handle_and_http(cluster)
     got, versions = http.lookup(x)
     assert set(versions) == {0}
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_replicas_on_a_joined_cluster_get_passive_openmp_waits_through_their_runtime_env(cluster):
+    env = serve_processes_env(os.getpid(), "OMP_WAIT_POLICY")
+    replicas = {title: value for title, value in env.items() if title.startswith("ray::ServeReplica")}
+    assert len(replicas) >= 4 and set(replicas.values()) == {"PASSIVE"}, env
 
 
 def test_the_token_is_not_in_rays_deployment_metadata(cluster):

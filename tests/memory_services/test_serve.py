@@ -19,7 +19,7 @@ import pytest
 from trainmem.memory_services import MemoryClient, MemoryServiceError, MemoryStore
 
 from memsvc_data import clustered, representation
-from serve_proc import REPO, ServeProcess
+from serve_proc import REPO, ServeProcess, serve_processes_env
 
 pytestmark = pytest.mark.slow
 
@@ -123,6 +123,16 @@ def test_crud_round_trip_survives_a_restart_and_the_index_is_reloaded(home, runn
     index = c.stats()["store"]["index"]
     assert index["loaded"] is True and index["rebuilt"] is False and index.get("replayed", 0) == 0
     c.close()
+
+
+def test_the_embedded_cluster_gives_every_serve_process_passive_openmp_waits(home, running):
+    svc = _service(running, _toml(home))
+    env = serve_processes_env(svc.proc.pid, "OMP_WAIT_POLICY")
+    replicas = {"MemoryApi", "MemoryRouter", "ValueShard0", "Consolidation"}
+    assert {title.rsplit(":", 1)[-1] for title in env if title.startswith("ray::ServeReplica")} == replicas
+    # Serve's controller and proxy get no runtime_env from us: PASSIVE there means inherited from the cluster,
+    # the path on which replicas need no runtime_env (a set-up process and a worker of their own each).
+    assert set(env.values()) == {"PASSIVE"}, env
 
 
 def test_bad_requests_get_4xx_json_and_change_nothing(home, running):
