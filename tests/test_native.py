@@ -76,3 +76,32 @@ def test_deepspeed_loaded_after_init_process_group_leaves_the_group_free_to_dest
     before, after = counts["ours"]
     assert after == before, f"the gloo group's threads outlived destroy_process_group ({before} -> {after})"
     assert counts["plain"][1] > counts["plain"][0], "DeepSpeed no longer pins the group: drop import_deepspeed"
+
+
+_CPU_PROBES = """
+import subprocess, sys, torch
+probes = []
+start = subprocess.Popen.__init__
+def counting(self, args, *rest, **kw):
+    probes.extend(a for a in (args if isinstance(args, (list, tuple)) else [args]) if "cpuinfo" in str(a))
+    return start(self, args, *rest, **kw)
+subprocess.Popen.__init__ = counting
+if sys.argv[1] == "ours":
+    from trainmem.native import import_deepspeed
+    import_deepspeed()
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+DeepSpeedCPUAdam(torch.nn.Linear(4, 4).parameters())
+DeepSpeedCPUAdam(torch.nn.Linear(4, 4).parameters())
+print(len(probes))
+"""
+
+
+def test_a_process_probes_the_cpu_once_however_often_deepspeed_asks():
+    counts = {}
+    for how in ("ours", "plain"):
+        proc = subprocess.run([sys.executable, "-c", _CPU_PROBES, how], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts[how] = int(proc.stdout.split()[-1])
+    # plain: a Python subprocess (~0.4 CPU-s) per DeepSpeed call, three for the first optimizer (op flags, vendor)
+    assert counts == {"ours": 1, "plain": 4}

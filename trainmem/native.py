@@ -38,6 +38,7 @@ def import_deepspeed():
     """
     import torch.distributed as dist
 
+    _cache_cpu_info()
     import deepspeed
     from deepspeed.comm.torch import TorchBackend
 
@@ -46,6 +47,30 @@ def import_deepspeed():
         if defaults and any(isinstance(d, dist.ProcessGroup) for d in defaults):
             fn.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in defaults)
     return deepspeed
+
+
+def _cache_cpu_info() -> None:
+    """One py-cpuinfo probe per process instead of three.
+
+    ``cpuinfo.get_cpu_info`` runs a Python subprocess on every call (~0.4 CPU-s); DeepSpeed calls it
+    three times to construct CPU Adam (the op's architecture and SIMD flags, then the vendor check).
+    The CPU does not change under a running process, so the first answer serves the rest (copied:
+    callers may edit the dict).
+    """
+    import copy
+    import functools
+
+    import cpuinfo
+
+    if getattr(cpuinfo.get_cpu_info, "cached_per_process", False):
+        return
+    probe = functools.cache(cpuinfo.get_cpu_info)
+
+    def get_cpu_info() -> dict:
+        return copy.deepcopy(probe())
+
+    get_cpu_info.cached_per_process = True
+    cpuinfo.get_cpu_info = get_cpu_info  # DeepSpeed imports it from the package at each call
 
 
 def _build_deepspeed_op(name: str) -> None:
