@@ -46,7 +46,6 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     global _ENV_INHERITED_BY
     for key, value in REPLICA_ENV.items():
         os.environ.setdefault(key, value)  # a value the user exported is theirs to keep
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **init_kwargs)
     _ENV_INHERITED_BY = ray.get_runtime_context().gcs_address
 
@@ -102,7 +101,8 @@ def serve_app(cfg: ServicesConfig, schedule: bool = True, timeout_s: float = 180
                                   max_ongoing_requests=max(256, 2 * ml.max_batch_size)).bind(cfg, *shards)
     consolidation = serve.deployment(ConsolidationBackend, name="Consolidation", ray_actor_options=cpu0,
                                      health_check_period_s=10).bind(cfg, schedule)
-    app = MemoryApi.options(num_replicas=cfg.retriever.replicas, ray_actor_options=cpu0).bind(cfg, token, router, consolidation, layer_dim)
+    app = MemoryApi.options(num_replicas=cfg.retriever.replicas, ray_actor_options=cpu0).bind(
+        cfg, token, router, consolidation, layer_dim)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.http.host}:{port}"
     _wait_healthy(url, timeout_s)
