@@ -23,8 +23,8 @@ import types
 from typing import Any, Callable
 
 # Every name torch's step wrapper (``_use_grad``) uses; one more means it does more than ours repeats: leave it.
-_USE_GRAD_NAMES = frozenset({"torch", "torch._dynamo", "_dynamo", "cast", "Optimizer", "is_grad_enabled", "set_grad_enabled",
-                             "defaults", "graph_break"})
+_USE_GRAD_NAMES = frozenset({"torch", "torch._dynamo", "_dynamo", "cast", "Optimizer", "is_grad_enabled",
+                             "set_grad_enabled", "defaults", "graph_break"})
 _CACHE_ATTR = "__dynamo_disable"  # where torch's wrapper caches its torch._dynamo.disable(fn)
 
 
