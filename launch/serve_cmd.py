@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import signal
 import sys
 import threading
@@ -86,7 +85,6 @@ def main(argv: list[str]) -> int:
 
     from trainmem.memory_services import serve_app, shutdown_services, start_local_ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=False)
     else:
