@@ -214,7 +214,7 @@ class Worker:
         if self.model is not None:
             return os.getpid()
         spec = self.spec
-        defer_dynamo_import()  # a rank (or a spare taking one over) starts ~1.4 CPU-s sooner; eager only
+        defer_dynamo_import()  # a rank (or a spare taking one over) starts ~1 CPU-s sooner; eager only
         torch.set_num_threads(max(1, int(spec.cluster.cpus_per_worker)))
         if spec.cluster.gpus_per_worker > 0 and torch.cuda.is_available():
             self.device = torch.device("cuda", 0)

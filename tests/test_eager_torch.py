@@ -29,8 +29,6 @@ for step in range(5):
     if step == 2:  # a checkpoint round trip through both optimizers
         for opt in opts:
             opt.load_state_dict(opt.state_dict())
-with torch.no_grad():
-    grad_mode_kept = torch.is_grad_enabled()
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 print(json.dumps({{"patched": patched, "dynamo": "torch._dynamo" in sys.modules, "sha": digest,
                   "grad_enabled": torch.is_grad_enabled()}}))

@@ -1,4 +1,4 @@
-"""Keep eager training processes from importing torch._dynamo (about 1.4 CPU-s each) for nothing.
+"""Keep eager training processes from importing torch._dynamo (about 1 CPU-s each) for nothing.
 
 torch's optimizers import torch._dynamo on their first use: ``step`` calls
 ``torch._dynamo.graph_break()`` (a no-op outside torch.compile), and ``add_param_group`` (every

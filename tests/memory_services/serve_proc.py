@@ -74,16 +74,17 @@ class ServeProcess:
             time.sleep(0.2)
 
 
-def serve_processes_env(root_pid: int, name: str) -> dict[str, str | None]:
-    """{process title: its ``name`` environment variable} for the Ray Serve processes below ``root_pid``."""
+def serve_processes_env(root_pid: int, name: str) -> list[tuple[str, str | None]]:
+    """(process title, its ``name`` environment variable) per Ray Serve process below ``root_pid``: one pair
+    per process, so replicas that share a title are each seen."""
     import psutil
 
-    found = {}
+    found = []
     for proc in psutil.Process(root_pid).children(recursive=True):
         try:
             title = " ".join(proc.cmdline())
             if title.startswith(("ray::ServeReplica", "ray::ServeController", "ray::ProxyActor")):
-                found[title.split()[0]] = proc.environ().get(name)
+                found.append((title.split()[0], proc.environ().get(name)))
         except psutil.Error:  # gone meanwhile
             continue
     return found

@@ -140,8 +140,8 @@ def test_served_layer_equals_the_runs_own_layer_through_handle_and_http(cluster)
 
 def test_replicas_on_a_joined_cluster_get_passive_openmp_waits_through_their_runtime_env(cluster):
     env = serve_processes_env(os.getpid(), "OMP_WAIT_POLICY")
-    replicas = {title: value for title, value in env.items() if title.startswith("ray::ServeReplica")}
-    assert len(replicas) >= 4 and set(replicas.values()) == {"PASSIVE"}, env
+    replicas = [value for title, value in env if title.startswith("ray::ServeReplica")]
+    assert len(replicas) >= 4 and set(replicas) == {"PASSIVE"}, env
 
 
 def test_the_token_is_not_in_rays_deployment_metadata(cluster):

@@ -130,11 +130,11 @@ def test_the_embedded_cluster_gives_every_serve_process_passive_openmp_waits(hom
     env = serve_processes_env(svc.proc.pid, "OMP_WAIT_POLICY")
     replicas = {"MemoryApi", "MemoryRouter", "ValueShard0", "Consolidation"}
     # A replica in a call is titled ``ray::ServeReplica:app:Deployment.method``.
-    deployments = {title.rsplit(":", 1)[-1].split(".")[0] for title in env if title.startswith("ray::ServeReplica")}
+    deployments = {title.rsplit(":", 1)[-1].split(".")[0] for title, _ in env if title.startswith("ray::ServeReplica")}
     assert deployments == replicas
     # Serve's controller and proxy get no runtime_env from us: PASSIVE there means inherited from the cluster,
     # the path on which replicas need no runtime_env (a set-up process and a worker of their own each).
-    assert set(env.values()) == {"PASSIVE"}, env
+    assert {value for _, value in env} == {"PASSIVE"}, env
 
 
 def test_bad_requests_get_4xx_json_and_change_nothing(home, running):
